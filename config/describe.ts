@@ -1,0 +1,57 @@
+// The effective policy as YAML for `check-config`: every default filled in, every secret masked.
+import { stringify } from 'yaml';
+import type { ManifestPolicy, Policy, Timeouts } from './policy.ts';
+import { formatDuration, formatSize } from './units.ts';
+
+const MASK = '********';
+
+export function describePolicy(policy: Policy): string {
+  const timeouts = (t: Timeouts) => ({
+    connect: formatDuration(t.connectMs),
+    headers: formatDuration(t.headersMs),
+    idle: formatDuration(t.idleMs),
+    clientIdle: formatDuration(t.clientIdleMs),
+    clientHeader: formatDuration(t.clientHeaderMs),
+    keepAlive: formatDuration(t.keepAliveMs),
+  });
+  const manifests = (m: ManifestPolicy) => ({
+    enabled: m.enabled,
+    tiers: m.tiers.map((tier) => ({ match: tier.match, ttl: formatDuration(tier.ttlMs) })),
+    defaultTtl: formatDuration(m.defaultTtlMs),
+    maxStale: formatDuration(m.maxStaleMs),
+  });
+  const registries = Object.fromEntries(
+    [...policy.registries.values()].map((r) => [
+      r.key,
+      {
+        ...(r.http ? { http: true } : {}),
+        push: r.push,
+        tls: { verify: r.tls.verify, ...(r.tls.caFile ? { ca: r.tls.caFile } : {}) },
+        ...(r.auth
+          ? { auth: { ...(r.auth.realm ? { realm: r.auth.realm } : {}), username: r.auth.username, password: MASK } }
+          : {}),
+        timeouts: timeouts(r.timeouts),
+        manifests: manifests(r.manifests),
+      },
+    ]),
+  );
+  const effective = {
+    source: policy.source,
+    listen: `${policy.listen.host.includes(':') ? `[${policy.listen.host}]` : policy.listen.host}:${policy.listen.port}`,
+    dataDir: policy.dataDir,
+    cache: { maxSize: formatSize(policy.cache.maxSize), minFree: formatSize(policy.cache.minFree) },
+    manifests: manifests(policy.manifests),
+    defaults: { push: policy.defaults.push, tls: { verify: policy.defaults.tlsVerify }, timeouts: timeouts(policy.defaults.timeouts) },
+    registries,
+    tunnel: {
+      allow: policy.tunnel.allow,
+      deny: policy.tunnel.deny,
+      timeouts: { connect: formatDuration(policy.tunnel.connectTimeoutMs), idle: formatDuration(policy.tunnel.idleTimeoutMs) },
+    },
+    users: Object.fromEntries([...policy.users.values()].map((u) => [u.name, { password: MASK, read: u.read }])),
+    hosts: Object.fromEntries(policy.hosts),
+    ipv6: policy.ipv6,
+    requestBuffering: policy.requestBuffering,
+  };
+  return stringify(effective, { lineWidth: 0 });
+}

@@ -1,0 +1,232 @@
+// Loads the policy: proxy.yaml (or the built-in default) → ${VAR} expansion → validation with
+// file:line:key messages → the seed's environment variables → PULLTHROUGH_* overrides.
+import { existsSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { LineCounter, parseDocument } from 'yaml';
+import {
+  registryKey,
+  type Credentials,
+  type Listen,
+  type ManifestPolicy,
+  type Policy,
+  type ProxyUser,
+  type RegistryPolicy,
+  type Timeouts,
+} from './policy.ts';
+import { DEFAULT_TIMEOUTS, defaultManifestPolicy } from './defaults.ts';
+import { applySeedEnvironment } from './seed-env.ts';
+import { ConfigError, Cursor, type Source } from './yaml-cursor.ts';
+
+export { ConfigError } from './yaml-cursor.ts';
+
+export interface LoadOptions {
+  /** --config; else PULLTHROUGH_CONFIG; else ./proxy.yaml when it exists; else the built-in default. */
+  configPath?: string;
+  env?: NodeJS.ProcessEnv;
+  cwd?: string;
+}
+
+export function loadPolicy(options: LoadOptions = {}): Policy {
+  const env = options.env ?? process.env;
+  const cwd = options.cwd ?? process.cwd();
+  const explicit = options.configPath ?? env.PULLTHROUGH_CONFIG;
+  const file = explicit ? path.resolve(cwd, explicit) : path.join(cwd, 'proxy.yaml');
+
+  let text = '';
+  let source = '(built-in default)';
+  if (explicit || existsSync(file)) {
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (err) {
+      throw new ConfigError(`${file}: cannot read the policy file: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+    source = file;
+  }
+  const policy = parsePolicy(text, source, env, explicit || existsSync(file) ? path.dirname(file) : cwd);
+  applySeedEnvironment(policy, env);
+  if (env.PULLTHROUGH_LISTEN) policy.listen = parseListen(env.PULLTHROUGH_LISTEN, (m) => { throw new ConfigError(`PULLTHROUGH_LISTEN: ${m}`); });
+  if (env.PULLTHROUGH_DATA_DIR) policy.dataDir = path.resolve(cwd, env.PULLTHROUGH_DATA_DIR);
+  return policy;
+}
+
+/** Parses policy text; relative paths in it are resolved against `baseDir` (the file's folder). */
+export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, baseDir: string): Policy {
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false, uniqueKeys: true });
+  const firstError = doc.errors[0];
+  if (firstError) {
+    const { line, col } = lines.linePos(firstError.pos[0]);
+    throw new ConfigError(`${file}:${line}:${col}: invalid YAML: ${firstError.message.split('\n')[0]}`);
+  }
+  const src: Source = { file, lines, env };
+  const root = new Cursor(doc.contents as Cursor['node'], '', src);
+  const top = root.entries(['listen', 'dataDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'users', 'hosts', 'ipv6']);
+  const at = (key: string) => top.get(key) ?? new Cursor(null, key, src);
+  const resolvePath = (p: string) => path.resolve(baseDir, p);
+
+  const listenCursor = at('listen');
+  const listen = listenCursor.present ? parseListen(listenCursor.string(), (m) => listenCursor.fail(m)) : { host: '0.0.0.0', port: 3128 };
+
+  const cache = at('cache').entries(['maxSize', 'minFree']);
+  const manifests = parseManifests(at('manifests'), defaultManifestPolicy());
+  const defaultsMap = at('defaults').entries(['push', 'timeouts', 'tls']);
+  const defaultTls = (defaultsMap.get('tls') ?? new Cursor(null, 'defaults.tls', src)).entries(['verify']);
+  const defaults = {
+    push: defaultsMap.get('push')?.oneOf(['deny', 'bypass'] as const) ?? 'deny',
+    timeouts: parseTimeouts(defaultsMap.get('timeouts'), { ...DEFAULT_TIMEOUTS }),
+    tlsVerify: defaultTls.get('verify')?.boolean() ?? true,
+  };
+
+  const policy: Policy = {
+    source: file,
+    listen,
+    dataDir: resolvePath(at('dataDir').present ? at('dataDir').string() : './data'),
+    cache: {
+      maxSize: cache.get('maxSize')?.size() ?? 32 * 1024 ** 3,
+      minFree: cache.get('minFree')?.size() ?? 1024 ** 3,
+    },
+    manifests,
+    defaults,
+    registries: new Map(),
+    tunnel: { allow: ['*:443'], deny: [], connectTimeoutMs: defaults.timeouts.connectMs, idleTimeoutMs: defaults.timeouts.clientIdleMs },
+    users: new Map(),
+    hosts: new Map(),
+    ipv6: at('ipv6').present ? at('ipv6').boolean() : true,
+    requestBuffering: false,
+  };
+
+  for (const [name, entry] of at('registries').entries()) {
+    const registry = parseRegistry(name, entry, policy, resolvePath);
+    if (policy.registries.has(registry.key)) entry.fail(`${registry.key} is listed twice`);
+    policy.registries.set(registry.key, registry);
+  }
+
+  const tunnel = at('tunnel').entries(['allow', 'deny', 'timeouts']);
+  if (tunnel.get('allow')?.present) policy.tunnel.allow = tunnel.get('allow')!.stringList();
+  if (tunnel.get('deny')?.present) policy.tunnel.deny = tunnel.get('deny')!.stringList();
+  for (const pattern of [...policy.tunnel.allow, ...policy.tunnel.deny]) {
+    if (!/^[^\s:]+:(\*|\d{1,5})$/.test(pattern) && !/^\[[^\]]+\]:(\*|\d{1,5})$/.test(pattern)) {
+      (tunnel.get('allow') ?? tunnel.get('deny'))!.fail(`"${pattern}" is not a host:port pattern (examples: "*:443", "*.example.com:*")`);
+    }
+  }
+  const tunnelTimeouts = (tunnel.get('timeouts') ?? new Cursor(null, 'tunnel.timeouts', src)).entries(['connect', 'idle']);
+  policy.tunnel.connectTimeoutMs = tunnelTimeouts.get('connect')?.durationMs() ?? policy.tunnel.connectTimeoutMs;
+  policy.tunnel.idleTimeoutMs = tunnelTimeouts.get('idle')?.durationMs() ?? policy.tunnel.idleTimeoutMs;
+
+  for (const [name, entry] of at('users').entries()) {
+    policy.users.set(name, parseUser(name, entry, resolvePath));
+  }
+  for (const [name, entry] of at('hosts').entries()) {
+    policy.hosts.set(name.toLowerCase(), entry.string());
+  }
+  return policy;
+}
+
+export function parseListen(text: string, fail: (message: string) => never): Listen {
+  const match = /^(?:(\[[^\]]+\]|[^:]*):)?(\d{1,5})$/.exec(text.trim());
+  const port = Number(match?.[2]);
+  if (!match || port > 65535) fail(`"${text}" is not host:port or a port (example: 0.0.0.0:3128)`);
+  const host = (match[1] ?? '').replace(/^\[(.*)\]$/, '$1') || '0.0.0.0';
+  return { host, port };
+}
+
+/** Without overrides the inherited object itself is returned, so the seed's variables reach it later. */
+function parseManifests(cursor: Cursor, inherited: ManifestPolicy): ManifestPolicy {
+  const fields = cursor.entries(['enabled', 'tiers', 'defaultTtl', 'maxStale']);
+  if (fields.size === 0) return inherited;
+  const tiers = fields.get('tiers');
+  return {
+    enabled: fields.get('enabled')?.boolean() ?? inherited.enabled,
+    tiers: tiers?.present
+      ? tiers.items().map((tier) => {
+          const t = tier.entries(['match', 'ttl']);
+          const match = t.get('match') ?? tier.fail('a tier needs "match" (a regex) and "ttl"');
+          const ttl = t.get('ttl') ?? tier.fail('a tier needs "match" (a regex) and "ttl"');
+          return { match: match.string(), regex: match.regex(), ttlMs: ttl.durationMs() };
+        })
+      : inherited.tiers,
+    defaultTtlMs: fields.get('defaultTtl')?.durationMs() ?? inherited.defaultTtlMs,
+    maxStaleMs: fields.get('maxStale')?.durationMs() ?? inherited.maxStaleMs,
+  };
+}
+
+function parseTimeouts(cursor: Cursor | undefined, inherited: Timeouts): Timeouts {
+  if (!cursor?.present) return inherited;
+  const t = cursor.entries(['connect', 'headers', 'idle', 'clientIdle', 'clientHeader', 'keepAlive']);
+  return {
+    connectMs: t.get('connect')?.durationMs() ?? inherited.connectMs,
+    headersMs: t.get('headers')?.durationMs() ?? inherited.headersMs,
+    idleMs: t.get('idle')?.durationMs() ?? inherited.idleMs,
+    clientIdleMs: t.get('clientIdle')?.durationMs() ?? inherited.clientIdleMs,
+    clientHeaderMs: t.get('clientHeader')?.durationMs() ?? inherited.clientHeaderMs,
+    keepAliveMs: t.get('keepAlive')?.durationMs() ?? inherited.keepAliveMs,
+  };
+}
+
+function parseRegistry(name: string, cursor: Cursor, policy: Policy, resolvePath: (p: string) => string): RegistryPolicy {
+  const match = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?$/.exec(name);
+  const port = match?.[2] ? Number(match[2]) : 443;
+  if (!match || port < 1 || port > 65535) cursor.fail(`"${name}" is not a host or host:port`);
+  const fields = cursor.entries(['auth', 'tls', 'push', 'http', 'timeouts', 'manifests']);
+  const tls = (fields.get('tls') ?? new Cursor(null, `${cursor.path}.tls`, cursor.source)).entries(['ca', 'verify']);
+  const caFile = tls.get('ca')?.present ? resolvePath(tls.get('ca')!.string()) : undefined;
+  let caPem: string | undefined;
+  if (caFile) {
+    try {
+      caPem = readFileSync(caFile, 'utf8');
+    } catch (err) {
+      tls.get('ca')!.fail(`cannot read ${caFile}: ${(err as NodeJS.ErrnoException).code}`);
+    }
+    if (!caPem?.includes('-----BEGIN CERTIFICATE-----')) tls.get('ca')!.fail(`${caFile} holds no PEM certificate`);
+  }
+  const host = match[1]!.toLowerCase().replace(/^\[(.*)\]$/, '$1');
+  const registry: RegistryPolicy = {
+    key: registryKey(host, port),
+    host,
+    port,
+    http: fields.get('http')?.boolean() ?? false,
+    tls: { verify: tls.get('verify')?.boolean() ?? policy.defaults.tlsVerify, ...(caFile ? { caFile, caPem } : {}) },
+    push: fields.get('push')?.oneOf(['deny', 'bypass'] as const) ?? policy.defaults.push,
+    timeouts: parseTimeouts(fields.get('timeouts'), policy.defaults.timeouts),
+    manifests: parseManifests(fields.get('manifests') ?? new Cursor(null, '', cursor.source), policy.manifests),
+  };
+  const auth = fields.get('auth');
+  if (auth?.present) {
+    const credentials = parseCredentials(auth, resolvePath);
+    if (credentials) registry.auth = credentials;
+  }
+  return registry;
+}
+
+/** Returns undefined when the username expands to nothing (e.g. ${DOCKERHUB_USERNAME:-} unset): anonymous. */
+function parseCredentials(cursor: Cursor, resolvePath: (p: string) => string): Credentials | undefined {
+  const a = cursor.entries(['realm', 'username', 'password', 'passwordFile']);
+  const username = a.get('username')?.string() ?? '';
+  if (!username) return undefined;
+  const password = readPassword(cursor, a.get('password'), a.get('passwordFile'), resolvePath);
+  const realm = a.get('realm')?.string();
+  return { username, password, ...(realm ? { realm } : {}) };
+}
+
+function readPassword(owner: Cursor, password: Cursor | undefined, passwordFile: Cursor | undefined, resolvePath: (p: string) => string): string {
+  if (password?.present && passwordFile?.present) passwordFile.fail('give either password or passwordFile, not both');
+  if (passwordFile?.present) {
+    const file = resolvePath(passwordFile.string());
+    try {
+      return readFileSync(file, 'utf8').replace(/\r?\n$/, '');
+    } catch (err) {
+      passwordFile.fail(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code}`);
+    }
+  }
+  if (password?.present) return password.string();
+  return owner.fail('needs password or passwordFile');
+}
+
+function parseUser(name: string, cursor: Cursor, resolvePath: (p: string) => string): ProxyUser {
+  const u = cursor.entries(['password', 'passwordFile', 'read']);
+  return {
+    name,
+    password: readPassword(cursor, u.get('password'), u.get('passwordFile'), resolvePath),
+    read: u.get('read')?.stringList() ?? [],
+  };
+}

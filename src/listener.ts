@@ -1,0 +1,141 @@
+// The front: one HTTP/1.1 listener (:3128) that takes three kinds of request —
+//   CONNECT host:port          → intercept (registry in the policy) | tunnel | deny
+//   GET http://host/…          → plain-HTTP proxying, only for registries marked `http: true`
+//   GET /ca.crt, /healthz, …   → the admin surface
+// Everything it needs comes in through FrontDeps (no module state), so that the same front can later
+// run in several threads, each listening with reusePort.
+import http from 'node:http';
+import type { LookupFunction } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { registryKey, type Policy } from '../config/policy.ts';
+import type { AdminHandler } from './admin/index.ts';
+import { decide, parseTarget } from './connect.ts';
+import { pathForLog, type Logger } from './log.ts';
+import type { RegistryHandler } from './registry/handler.ts';
+import type { InterceptedSessions } from './session.ts';
+import { tunnel } from './tunnel.ts';
+
+export interface FrontDeps {
+  policy: Policy;
+  log: Logger;
+  lookup: LookupFunction;
+  sessions: InterceptedSessions;
+  registryHandler: RegistryHandler;
+  admin: AdminHandler;
+}
+
+/** Request heads larger than this are refused with 431 (a CONNECT is a few hundred bytes). */
+const MAX_HEADER_BYTES = 32 * 1024;
+
+export function createFront(deps: FrontDeps): http.Server {
+  const { policy, log } = deps;
+  const timeouts = policy.defaults.timeouts;
+  const server = http.createServer({
+    maxHeaderSize: MAX_HEADER_BYTES,
+    headersTimeout: timeouts.clientHeaderMs,
+    requestTimeout: 0,
+    keepAliveTimeout: timeouts.keepAliveMs,
+    // How often silent or slow clients are checked against headersTimeout.
+    connectionsCheckingInterval: Math.min(1000, timeouts.clientHeaderMs),
+  });
+  server.timeout = timeouts.clientIdleMs;
+
+  server.on('connect', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    const started = performance.now();
+    const client = req.socket.remoteAddress ?? '';
+    socket.on('error', () => socket.destroy()); // a reset client must never take the process down
+    const logConnect = (status: number, fields: Record<string, unknown> = {}) =>
+      log.access({ method: 'CONNECT', host: req.url ?? '', path: '', status, bytes: 0, client, ms: Math.round(performance.now() - started), ...fields });
+
+    const target = parseTarget(req.url);
+    if ('error' in target) {
+      refuse(socket, 400, 'Bad Request', target.error);
+      logConnect(400, { error: target.error });
+      return;
+    }
+    const decision = decide(policy, target);
+    switch (decision.kind) {
+      case 'deny':
+        refuse(socket, 403, 'Forbidden', decision.reason);
+        logConnect(403, { error: decision.reason });
+        return;
+      case 'intercept':
+        deps.sessions.accept(socket, head, target, decision.registry, client);
+        return;
+      case 'tunnel':
+        void tunnel(socket, head, target, { lookup: deps.lookup, connectTimeoutMs: policy.tunnel.connectTimeoutMs, idleTimeoutMs: policy.tunnel.idleTimeoutMs }).then((result) =>
+          logConnect(result.status, { cache: 'TUNNEL', bytes: result.received, ...(result.error ? { error: result.error } : {}) }),
+        );
+        return;
+    }
+  });
+
+  server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const url = req.url ?? '/';
+    if (url.startsWith('/')) {
+      const started = performance.now();
+      void deps.admin(req, res).then((status) =>
+        log.access({ method: req.method ?? 'GET', host: 'pullthrough', path: pathForLog(url), status, bytes: bodyBytes(res), type: 'admin', client: req.socket.remoteAddress ?? '', ms: Math.round(performance.now() - started) }),
+      );
+      return;
+    }
+    const refused = forwardPlainHttp(req, res, deps);
+    if (refused) log.access({ method: req.method ?? 'GET', host: req.headers.host ?? '', path: pathForLog(url), status: refused.status, bytes: 0, type: 'plain-http', client: req.socket.remoteAddress ?? '', ms: 0, error: refused.message });
+  });
+
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    if (!socket.writable || err.code === 'ECONNRESET') {
+      socket.destroy();
+      return;
+    }
+    const [status, reason] =
+      err.code === 'HPE_HEADER_OVERFLOW'
+        ? [431, 'Request Header Fields Too Large']
+        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+          ? [408, 'Request Timeout']
+          : [400, 'Bad Request'];
+    refuse(socket, status, reason, status === 400 ? `malformed request (${err.code ?? 'parse error'})` : reason.toLowerCase());
+  });
+  return server;
+}
+
+/**
+ * Absolute-form requests (what HTTP_PROXY sends): forwarded only to registries marked `http: true`.
+ * Returns the refusal when the request was refused.
+ */
+function forwardPlainHttp(req: http.IncomingMessage, res: http.ServerResponse, deps: FrontDeps): { status: number; message: string } | undefined {
+  let url: URL;
+  try {
+    url = new URL(req.url ?? '');
+  } catch {
+    return plainRefusal(res, 400, 'the request target is neither a path nor an absolute http:// URL');
+  }
+  const registry = url.protocol === 'http:' ? deps.policy.registries.get(registryKey(url.hostname.replace(/^\[(.*)\]$/, '$1'), Number(url.port || 80))) : undefined;
+  if (!registry?.http) {
+    return plainRefusal(
+      res,
+      403,
+      `pullthrough forwards plain HTTP only to registries marked "http: true" in proxy.yaml; ${url.host} is not one. Use HTTPS (CONNECT) instead.`,
+    );
+  }
+  req.url = `${url.pathname}${url.search}`;
+  void deps.registryHandler(req, res, { registry, scheme: 'http', client: req.socket.remoteAddress ?? '' });
+  return undefined;
+}
+
+function plainRefusal(res: http.ServerResponse, status: number, message: string): { status: number; message: string } {
+  const body = `pullthrough: ${message}\n`;
+  res.writeHead(status, { 'Content-Type': 'text/plain; charset=utf-8', 'Content-Length': Buffer.byteLength(body), Connection: 'close' });
+  res.end(body);
+  return { status, message };
+}
+
+function bodyBytes(res: http.ServerResponse): number {
+  return res.req.method === 'HEAD' ? 0 : Number(res.getHeader('content-length') ?? 0);
+}
+
+/** An error answer on a raw socket (before or instead of any HTTP exchange), then close. */
+function refuse(socket: Duplex, status: number, reason: string, message: string): void {
+  const body = `pullthrough: ${message}\n`;
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}

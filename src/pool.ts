@@ -1,0 +1,33 @@
+// The Piscina pool of worker threads that run blob fills (upstream → .part file + hash → verify →
+// rename). TLS sessions stay on the thread that accepted them (relaying a socket's bytes to a worker
+// measured 20–70% more CPU per GiB); the pool does the work that is not tied to a socket.
+import os from 'node:os';
+import { Piscina } from 'piscina';
+import type { Logger } from './log.ts';
+
+const HEALTH_TASK = new URL('../workers/health.ts', import.meta.url).href;
+
+export interface WorkerPool {
+  piscina: Piscina;
+  /** Runs a no-op task: resolves with the worker's thread id when the pool answers. */
+  health(timeoutMs?: number): Promise<{ threadId: number }>;
+  close(): Promise<void>;
+}
+
+export function createWorkerPool(log: Logger, threads = Math.max(2, os.availableParallelism())): WorkerPool {
+  const piscina = new Piscina({
+    filename: HEALTH_TASK,
+    minThreads: threads,
+    maxThreads: threads,
+    idleTimeout: Infinity,
+    // A fill waits on the network most of the time; one task per worker would serialise them.
+    concurrentTasksPerWorker: 16,
+  });
+  // Piscina replaces a worker that dies; the tasks it was running fail and their clients are cut.
+  piscina.on('error', (err: Error) => log.error('a worker thread failed; it is replaced', { error: err.message }));
+  return {
+    piscina,
+    health: (timeoutMs = 5000) => piscina.run(undefined, { signal: AbortSignal.timeout(timeoutMs) }),
+    close: () => piscina.close({ force: true }),
+  };
+}

@@ -1,0 +1,74 @@
+// Wires the parts together and starts listening: the LMDB index, the CA, the worker pool, the
+// upstream agents, the intercepted sessions and the front.
+import { mkdirSync, readFileSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import type { Policy } from '../config/policy.ts';
+import { createAdminHandler } from './admin/index.ts';
+import { CertificateAuthority } from './ca.ts';
+import { openIndex } from './cache/index.ts';
+import { createFront } from './listener.ts';
+import type { Logger } from './log.ts';
+import { createWorkerPool } from './pool.ts';
+import { createRegistryHandler } from './registry/handler.ts';
+import { createLookup } from './resolver.ts';
+import { InterceptedSessions } from './session.ts';
+import { UpstreamAgents } from './upstream/agents.ts';
+
+const CA_EXPIRY_WARNING_MS = 30 * 86_400_000;
+
+export interface RunningProxy {
+  port: number;
+  host: string;
+  ca: CertificateAuthority;
+  close(): Promise<void>;
+}
+
+export const VERSION: string = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+
+export async function startProxy(policy: Policy, log: Logger): Promise<RunningProxy> {
+  mkdirSync(policy.dataDir, { recursive: true });
+  const index = openIndex(policy.dataDir);
+  const { ca, created } = CertificateAuthority.loadOrCreate(policy.dataDir, index.leafCertificates);
+  log.info(created ? 'created a new CA; clients must trust it (GET /ca.crt)' : 'using the CA in the data directory', {
+    dataDir: policy.dataDir,
+    fingerprint: ca.fingerprint,
+    notAfter: ca.notAfter.toISOString(),
+  });
+  if (ca.notAfter.getTime() - Date.now() < CA_EXPIRY_WARNING_MS) {
+    log.warn('the proxy CA expires soon: replace ca.crt/ca.key in the data directory and redistribute /ca.crt', { notAfter: ca.notAfter.toISOString() });
+  }
+
+  const lookup = createLookup(policy.hosts, policy.ipv6);
+  const upstreams = new UpstreamAgents(lookup);
+  const pool = createWorkerPool(log);
+  const registryHandler = createRegistryHandler({ upstreams, log });
+  const sessions = new InterceptedSessions(ca, registryHandler, log);
+  const listenHost = policy.listen.host;
+  const admin = createAdminHandler({ ca, pool, version: VERSION, fallbackHost: `${listenHost}:${policy.listen.port}` });
+  const front = createFront({ policy, log, lookup, sessions, registryHandler, admin });
+
+  await new Promise<void>((resolve, reject) => {
+    front.once('error', reject);
+    front.listen(policy.listen.port, listenHost, () => {
+      front.off('error', reject);
+      resolve();
+    });
+  });
+  const address = front.address() as AddressInfo;
+  log.info('pullthrough is listening', { listen: `${address.address}:${address.port}`, registries: [...policy.registries.keys()], version: VERSION });
+
+  return {
+    port: address.port,
+    host: address.address,
+    ca,
+    async close() {
+      await new Promise<void>((resolve) => {
+        front.close(() => resolve());
+        front.closeAllConnections();
+        sessions.closeAll();
+      });
+      await Promise.all([upstreams.close(), pool.close()]);
+      await index.close();
+    },
+  };
+}

@@ -1,0 +1,94 @@
+// Intercepted sessions: after a CONNECT to a registry in the policy, the proxy answers 200, terminates
+// the client's TLS with a leaf minted for the name the client asked for, and serves HTTP/1.1 on it.
+// One http.Server (never listening) per registry carries that registry's client timeouts.
+import http from 'node:http';
+import tls from 'node:tls';
+import type { Duplex } from 'node:stream';
+import type { RegistryPolicy } from '../config/policy.ts';
+import type { CertificateAuthority } from './ca.ts';
+import type { Target } from './connect.ts';
+import type { Logger } from './log.ts';
+import type { RegistryHandler } from './registry/handler.ts';
+
+interface SessionInfo {
+  registry: RegistryPolicy;
+  client: string;
+}
+
+export class InterceptedSessions {
+  private readonly servers = new Map<string, http.Server>();
+  private readonly sessions = new WeakMap<object, SessionInfo>();
+  private readonly open = new Set<Duplex>();
+  private readonly ca: CertificateAuthority;
+  private readonly handler: RegistryHandler;
+  private readonly log: Logger;
+
+  constructor(ca: CertificateAuthority, handler: RegistryHandler, log: Logger) {
+    this.ca = ca;
+    this.handler = handler;
+    this.log = log;
+  }
+
+  accept(socket: Duplex, head: Buffer, target: Target, registry: RegistryPolicy, client: string): void {
+    socket.write('HTTP/1.1 200 Connection Established\r\n\r\n');
+    // A client may send its ClientHello before reading our 200; those bytes arrived with the CONNECT.
+    if (head.length > 0) socket.unshift(head);
+    const tlsSocket = new tls.TLSSocket(socket, {
+      isServer: true,
+      // Without SNI (IP literals) the CONNECT target names the certificate; with SNI, the SNI does.
+      secureContext: this.ca.secureContextFor(target.host),
+      SNICallback: (name, done) => {
+        try {
+          done(null, this.ca.secureContextFor(name));
+        } catch (err) {
+          done(err as Error);
+        }
+      },
+      ALPNProtocols: ['http/1.1'],
+    });
+    let handshakeDone = false;
+    tlsSocket.once('secure', () => (handshakeDone = true));
+    tlsSocket.on('error', (err: NodeJS.ErrnoException) => {
+      // Handshake failures are the classic "x509: certificate signed by unknown authority" on the client.
+      if (handshakeDone) return;
+      this.log.warn('TLS handshake with a client failed (does it trust the proxy CA from /ca.crt?)', {
+        registry: registry.key,
+        client,
+        error: err.code ?? err.message,
+      });
+    });
+    this.sessions.set(tlsSocket, { registry, client });
+    this.open.add(tlsSocket);
+    tlsSocket.once('close', () => {
+      this.open.delete(tlsSocket);
+      socket.destroy();
+    });
+    this.serverFor(registry).emit('connection', tlsSocket);
+  }
+
+  private serverFor(registry: RegistryPolicy): http.Server {
+    let server = this.servers.get(registry.key);
+    if (!server) {
+      server = http.createServer({ maxHeaderSize: 64 * 1024 }, (req, res) => {
+        const session = this.sessions.get(req.socket)!;
+        this.handler(req, res, { registry: session.registry, scheme: 'https', client: session.client }).catch((err: Error) => {
+          this.log.error('request handler failed', { registry: session.registry.key, error: err.stack ?? err.message });
+          res.destroy();
+        });
+      });
+      server.timeout = registry.timeouts.clientIdleMs;
+      server.keepAliveTimeout = registry.timeouts.keepAliveMs;
+      server.requestTimeout = 0; // uploads may take as long as they take; idle time is what is bounded
+      server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+        if (socket.writable && err.code !== 'ECONNRESET') socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
+        else socket.destroy();
+      });
+      this.servers.set(registry.key, server);
+    }
+    return server;
+  }
+
+  closeAll(): void {
+    for (const socket of this.open) socket.destroy();
+  }
+}

@@ -1,0 +1,99 @@
+// Pass-through of one request to the upstream registry, streaming both ways: what the cache does not
+// answer goes here, and so does everything while caching is not enabled for a request type.
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { pipeline } from 'node:stream/promises';
+import type { Dispatcher } from 'undici';
+import { errors as undiciErrors } from 'undici';
+import { sendRegistryError } from '../registry/errors.ts';
+
+/** Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy's own. */
+const HOP_BY_HOP = new Set([
+  'connection',
+  'keep-alive',
+  'proxy-authenticate',
+  'proxy-authorization',
+  'proxy-connection',
+  'te',
+  'trailer',
+  'transfer-encoding',
+  'upgrade',
+]);
+
+export interface ForwardTarget {
+  dispatcher: Dispatcher;
+  /** "https://host:port" or "http://host:port". */
+  origin: string;
+  /** Value of the Host header upstream: the host[:port] the client asked for. */
+  hostHeader: string;
+}
+
+export interface ForwardResult {
+  status: number;
+  upstreamStatus?: number;
+  upstreamMs?: number;
+  bytes: number;
+  error?: string;
+}
+
+export function requestHeadersForUpstream(req: IncomingMessage, hostHeader: string): Record<string, string | string[]> {
+  const headers: Record<string, string | string[]> = {};
+  const connectionTokens = new Set(String(req.headers.connection ?? '').toLowerCase().split(/\s*,\s*/));
+  for (const [name, value] of Object.entries(req.headers)) {
+    if (value === undefined || HOP_BY_HOP.has(name) || connectionTokens.has(name) || name === 'host') continue;
+    headers[name] = value;
+  }
+  headers.host = hostHeader;
+  return headers;
+}
+
+export function responseHeadersForClient(headers: Record<string, string | string[] | undefined>): Record<string, string | string[]> {
+  const out: Record<string, string | string[]> = {};
+  const connectionTokens = new Set(String(headers.connection ?? '').toLowerCase().split(/\s*,\s*/));
+  for (const [name, value] of Object.entries(headers)) {
+    if (value === undefined || HOP_BY_HOP.has(name) || connectionTokens.has(name)) continue;
+    out[name] = value;
+  }
+  return out;
+}
+
+/** Streams the request upstream and the response back; never throws (errors become 502/504 answers). */
+export async function forward(req: IncomingMessage, res: ServerResponse, target: ForwardTarget, extraHeaders: Record<string, string> = {}): Promise<ForwardResult> {
+  const method = req.method ?? 'GET';
+  const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
+  const started = performance.now();
+  let response: Dispatcher.ResponseData;
+  try {
+    response = await target.dispatcher.request({
+      origin: target.origin,
+      path: req.url ?? '/',
+      method: method as Dispatcher.HttpMethod,
+      headers: requestHeadersForUpstream(req, target.hostHeader),
+      body: hasBody ? req : null,
+    });
+  } catch (err) {
+    return upstreamFailed(res, err as Error, target);
+  }
+  const upstreamMs = Math.round(performance.now() - started);
+  res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), ...extraHeaders });
+  let bytes = 0;
+  response.body.on('data', (chunk: Buffer) => (bytes += chunk.length));
+  const result = { status: response.statusCode, upstreamStatus: response.statusCode, upstreamMs };
+  try {
+    await pipeline(response.body, res);
+  } catch (err) {
+    // The client left, or upstream broke mid-body: either way the client's stream is cut, not ended cleanly.
+    res.destroy();
+    return { ...result, bytes, error: (err as Error).message };
+  }
+  return { ...result, bytes };
+}
+
+function upstreamFailed(res: ServerResponse, err: Error, target: ForwardTarget): ForwardResult {
+  const timedOut = err instanceof undiciErrors.ConnectTimeoutError || err instanceof undiciErrors.HeadersTimeoutError;
+  const status = timedOut ? 504 : 502;
+  const cause = (err as { cause?: NodeJS.ErrnoException }).cause;
+  const reason = cause?.code ?? (err as NodeJS.ErrnoException).code ?? err.message;
+  const message = `upstream ${target.origin} ${timedOut ? 'timed out' : 'failed'}: ${reason}`;
+  sendRegistryError(res, status, 'UNAVAILABLE', message);
+  return { status, bytes: 0, error: message };
+}
