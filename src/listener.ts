@@ -27,8 +27,16 @@ export interface FrontDeps {
 /** Request heads larger than this are refused with 431 (a CONNECT is a few hundred bytes). */
 const MAX_HEADER_BYTES = 32 * 1024;
 
-export function createFront(deps: FrontDeps): http.Server {
+export interface Front {
+  server: http.Server;
+  /** Stops listening and ends every connection: requests, tunnels and intercepted sessions. */
+  close(): Promise<void>;
+}
+
+export function createFront(deps: FrontDeps): Front {
   const { policy, log } = deps;
+  // CONNECT sockets leave the HTTP server's bookkeeping but still hold server.close() open.
+  const connectSockets = new Set<Duplex>();
   const timeouts = policy.defaults.timeouts;
   const server = http.createServer({
     maxHeaderSize: MAX_HEADER_BYTES,
@@ -44,6 +52,8 @@ export function createFront(deps: FrontDeps): http.Server {
     const started = performance.now();
     const client = req.socket.remoteAddress ?? '';
     socket.on('error', () => socket.destroy()); // a reset client must never take the process down
+    connectSockets.add(socket);
+    socket.once('close', () => connectSockets.delete(socket));
     const logConnect = (status: number, fields: Record<string, unknown> = {}) =>
       log.access({ method: 'CONNECT', host: req.url ?? '', path: '', status, bytes: 0, client, ms: Math.round(performance.now() - started), ...fields });
 
@@ -96,7 +106,15 @@ export function createFront(deps: FrontDeps): http.Server {
           : [400, 'Bad Request'];
     refuse(socket, status, reason, status === 400 ? `malformed request (${err.code ?? 'parse error'})` : reason.toLowerCase());
   });
-  return server;
+  return {
+    server,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+        for (const socket of connectSockets) socket.destroy();
+      }),
+  };
 }
 
 /**

@@ -48,13 +48,13 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
   const front = createFront({ policy, log, lookup, sessions, registryHandler, admin });
 
   await new Promise<void>((resolve, reject) => {
-    front.once('error', reject);
-    front.listen(policy.listen.port, listenHost, () => {
-      front.off('error', reject);
+    front.server.once('error', reject);
+    front.server.listen(policy.listen.port, listenHost, () => {
+      front.server.off('error', reject);
       resolve();
     });
   });
-  const address = front.address() as AddressInfo;
+  const address = front.server.address() as AddressInfo;
   log.info('pullthrough is listening', { listen: `${address.address}:${address.port}`, registries: [...policy.registries.keys()], version: VERSION });
 
   return {
@@ -62,11 +62,7 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
     host: address.address,
     ca,
     async close() {
-      await new Promise<void>((resolve) => {
-        front.close(() => resolve());
-        front.closeAllConnections();
-        sessions.closeAll();
-      });
+      await front.close();
       await Promise.all([upstreams.close(), pool.close()]);
       await index.close();
     },

@@ -13,12 +13,12 @@ import type { RegistryHandler } from './registry/handler.ts';
 interface SessionInfo {
   registry: RegistryPolicy;
   client: string;
+  requests: number;
 }
 
 export class InterceptedSessions {
   private readonly servers = new Map<string, http.Server>();
   private readonly sessions = new WeakMap<object, SessionInfo>();
-  private readonly open = new Set<Duplex>();
   private readonly ca: CertificateAuthority;
   private readonly handler: RegistryHandler;
   private readonly log: Logger;
@@ -46,23 +46,22 @@ export class InterceptedSessions {
       },
       ALPNProtocols: ['http/1.1'],
     });
-    let handshakeDone = false;
-    tlsSocket.once('secure', () => (handshakeDone = true));
-    tlsSocket.on('error', (err: NodeJS.ErrnoException) => {
-      // Handshake failures are the classic "x509: certificate signed by unknown authority" on the client.
-      if (handshakeDone) return;
-      this.log.warn('TLS handshake with a client failed (does it trust the proxy CA from /ca.crt?)', {
+    const session: SessionInfo = { registry, client, requests: 0 };
+    let tlsError: string | undefined;
+    tlsSocket.on('error', (err: NodeJS.ErrnoException) => (tlsError = err.code ?? err.message));
+    tlsSocket.once('close', () => {
+      // With TLS 1.3 the client checks our certificate after the server side has finished, so a client
+      // that does not trust the CA just closes before its first request: on its side the classic
+      // "x509: certificate signed by unknown authority". Worth a hint to the operator.
+      if (session.requests > 0) return;
+      this.log.warn('a client closed its intercepted session before any request (does it trust the proxy CA from /ca.crt?)', {
         registry: registry.key,
         client,
-        error: err.code ?? err.message,
+        ...(tlsError ? { error: tlsError } : {}),
       });
     });
-    this.sessions.set(tlsSocket, { registry, client });
-    this.open.add(tlsSocket);
-    tlsSocket.once('close', () => {
-      this.open.delete(tlsSocket);
-      socket.destroy();
-    });
+    this.sessions.set(tlsSocket, session);
+    tlsSocket.once('close', () => socket.destroy());
     this.serverFor(registry).emit('connection', tlsSocket);
   }
 
@@ -71,6 +70,7 @@ export class InterceptedSessions {
     if (!server) {
       server = http.createServer({ maxHeaderSize: 64 * 1024 }, (req, res) => {
         const session = this.sessions.get(req.socket)!;
+        session.requests++;
         this.handler(req, res, { registry: session.registry, scheme: 'https', client: session.client }).catch((err: Error) => {
           this.log.error('request handler failed', { registry: session.registry.key, error: err.stack ?? err.message });
           res.destroy();
@@ -88,7 +88,4 @@ export class InterceptedSessions {
     return server;
   }
 
-  closeAll(): void {
-    for (const socket of this.open) socket.destroy();
-  }
 }

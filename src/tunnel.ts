@@ -64,7 +64,8 @@ export function tunnel(client: Duplex, head: Buffer, target: Target, options: Tu
       resolve({ status: status || 499, sent: server.bytesWritten, received: server.bytesRead, ...(error ? { error } : {}) });
     };
     server.once('close', () => {
-      if (status !== 200) client.end();
+      // Nothing can pass any more: flush what the server sent, then close the client's side too.
+      client.end(() => client.destroy());
       closed();
     });
     client.once('close', () => {

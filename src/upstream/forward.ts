@@ -91,9 +91,17 @@ export async function forward(req: IncomingMessage, res: ServerResponse, target:
 function upstreamFailed(res: ServerResponse, err: Error, target: ForwardTarget): ForwardResult {
   const timedOut = err instanceof undiciErrors.ConnectTimeoutError || err instanceof undiciErrors.HeadersTimeoutError;
   const status = timedOut ? 504 : 502;
-  const cause = (err as { cause?: NodeJS.ErrnoException }).cause;
-  const reason = cause?.code ?? (err as NodeJS.ErrnoException).code ?? err.message;
-  const message = `upstream ${target.origin} ${timedOut ? 'timed out' : 'failed'}: ${reason}`;
+  const message = `upstream ${target.origin} ${timedOut ? 'timed out' : 'failed'}: ${describeUpstreamError(err)}`;
   sendRegistryError(res, status, 'UNAVAILABLE', message);
   return { status, bytes: 0, error: message };
+}
+
+/** The cause's own words and code, with what to do for the errors operators meet most. */
+export function describeUpstreamError(err: Error): string {
+  const cause = ((err as { cause?: Error }).cause ?? err) as NodeJS.ErrnoException;
+  const text = cause.code && !cause.message.includes(cause.code) ? `${cause.message} (${cause.code})` : cause.message;
+  if (/CERT|SELF_SIGNED|UNABLE_TO_VERIFY|ERR_TLS_CERT/.test(cause.code ?? '')) {
+    return `${text}; trust the registry's CA with tls.ca in proxy.yaml or NODE_EXTRA_CA_CERTS`;
+  }
+  return text;
 }
