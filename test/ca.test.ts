@@ -1,0 +1,97 @@
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
+import { mkdtempSync, statSync, writeFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+import { CertificateAuthority, CertificateError } from '../src/ca.ts';
+import { openIndex } from '../src/cache/index.ts';
+import { createTestCa } from './helpers/pki.ts';
+
+const fresh = () => mkdtempSync(path.join(os.tmpdir(), 'pullthrough-ca-'));
+
+describe('the proxy CA', () => {
+  test('is created once with a private key (0600) and reused after', () => {
+    const dir = fresh();
+    const first = CertificateAuthority.loadOrCreate(dir);
+    assert.equal(first.created, true);
+    assert.equal(statSync(path.join(dir, 'ca.key')).mode & 0o777, 0o600);
+    assert.equal(statSync(path.join(dir, 'leaf.key')).mode & 0o777, 0o600);
+    const again = CertificateAuthority.loadOrCreate(dir);
+    assert.equal(again.created, false);
+    assert.equal(again.ca.fingerprint, first.ca.fingerprint);
+    const x509 = new X509Certificate(first.ca.certPem);
+    assert.equal(x509.ca, true);
+    assert.ok(x509.validToDate.getTime() - Date.now() > 5 * 365 * 86_400_000, 'valid for years');
+  });
+
+  test('mints leaves that OpenSSL verifies, with DNS or IP SANs and valid serials', () => {
+    const dir = fresh();
+    const { ca } = CertificateAuthority.loadOrCreate(dir);
+    writeFileSync(path.join(dir, 'name.pem'), ca.mintLeaf('registry.example.com'));
+    writeFileSync(path.join(dir, 'ip.pem'), ca.mintLeaf('10.1.2.3'));
+    writeFileSync(path.join(dir, 'ip6.pem'), ca.mintLeaf('::1'));
+    const out = execFileSync('openssl', ['verify', '-purpose', 'sslserver', '-CAfile', path.join(dir, 'ca.crt'), 'name.pem', 'ip.pem', 'ip6.pem'], { cwd: dir }).toString();
+    assert.equal(out.match(/: OK/g)?.length, 3, out);
+    const name = new X509Certificate(ca.mintLeaf('registry.example.com'));
+    assert.equal(name.subjectAltName, 'DNS:registry.example.com');
+    assert.ok(name.checkHost('registry.example.com'));
+    assert.equal(new X509Certificate(ca.mintLeaf('10.1.2.3')).subjectAltName, 'IP Address:10.1.2.3');
+    for (let i = 0; i < 50; i++) {
+      const first = Number.parseInt(new X509Certificate(ca.mintLeaf(`h${i}.test`)).serialNumber.slice(0, 2), 16);
+      assert.ok(first >= 0x01 && first <= 0x7f, `serial starts with 0x${first.toString(16)}`);
+    }
+  });
+
+  test('leaves are kept in LMDB across restarts, per CA', async () => {
+    const dir = fresh();
+    let index = openIndex(dir);
+    const { ca } = CertificateAuthority.loadOrCreate(dir, index.leafCertificates);
+    ca.secureContextFor('Registry.Test');
+    await index.root.committed; // writes are batched
+    const stored = index.leafCertificates.get(`${ca.fingerprint}/registry.test`);
+    assert.ok(stored, 'the leaf is stored under the CA fingerprint and the lower-cased name');
+    await index.close();
+    index = openIndex(dir);
+    const { ca: restarted } = CertificateAuthority.loadOrCreate(dir, index.leafCertificates);
+    let minted = 0;
+    const original = restarted.mintLeaf.bind(restarted);
+    restarted.mintLeaf = (host: string) => {
+      minted++;
+      return original(host);
+    };
+    restarted.secureContextFor('registry.test');
+    assert.equal(minted, 0, 'served from the store, not minted again');
+    await index.close();
+  });
+
+  test('bring your own CA: placed in the data directory, it is used as is', () => {
+    const dir = fresh();
+    const own = createTestCa('Corp Root CA');
+    writeFileSync(path.join(dir, 'ca.crt'), own.certPem);
+    writeFileSync(path.join(dir, 'ca.key'), own.keyPem, { mode: 0o644 });
+    const { ca, created } = CertificateAuthority.loadOrCreate(dir);
+    assert.equal(created, false);
+    assert.equal(ca.fingerprint, new X509Certificate(own.certPem).fingerprint256);
+    assert.equal(statSync(path.join(dir, 'ca.key')).mode & 0o777, 0o600, 'the key is made private');
+    assert.ok(new X509Certificate(ca.mintLeaf('x.test')).checkIssued(new X509Certificate(own.certPem)));
+  });
+
+  test('an inconsistent CA is refused with a clear message', () => {
+    const dir = fresh();
+    const own = createTestCa('one');
+    const other = createTestCa('two');
+    writeFileSync(path.join(dir, 'ca.crt'), own.certPem);
+    assert.throws(() => CertificateAuthority.loadOrCreate(dir), /only one of ca\.crt and ca\.key/);
+    writeFileSync(path.join(dir, 'ca.key'), other.keyPem);
+    assert.throws(() => CertificateAuthority.loadOrCreate(dir), (err: Error) => err instanceof CertificateError && /does not belong/.test(err.message));
+    const leaf = own.issue(['not-a-ca.test']);
+    writeFileSync(path.join(dir, 'ca.crt'), leaf.certPem);
+    writeFileSync(path.join(dir, 'ca.key'), leaf.keyPem);
+    assert.throws(() => CertificateAuthority.loadOrCreate(dir), /not a CA certificate/);
+    writeFileSync(path.join(dir, 'ca.crt'), 'garbage');
+    assert.throws(() => CertificateAuthority.loadOrCreate(dir), /cannot be read/);
+    rmSync(dir, { recursive: true });
+  });
+});

@@ -1,0 +1,150 @@
+// End to end: a real registry (distribution 2.8) behind the proxy, pulled by real skopeo that trusts
+// only the proxy's CA; and a CONNECT to a host outside the policy that must reach the real server.
+import assert from 'node:assert/strict';
+import { X509Certificate } from 'node:crypto';
+import https from 'node:https';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { tlsThroughProxy, httpOverSocket } from '../helpers/connect.ts';
+import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
+import { createTestCa, writePem, type TestCa } from '../helpers/pki.ts';
+import { makeTempDir, removeTempDir } from '../helpers/process.ts';
+import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { startRegistry, type RegistryHandle } from '../helpers/registry.ts';
+import { pushImage, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
+
+const canBind443 = process.getuid?.() === 0;
+
+describe('pulling through the proxy with skopeo', () => {
+  let ca: TestCa;
+  let registry: RegistryHandle;
+  let registry443: RegistryHandle | undefined;
+  let privateRegistry: RegistryHandle;
+  let proxy: TestProxy;
+  let image: BuiltImage;
+  let work: string;
+  let outside: https.Server;
+  let outsideCert: string;
+  let outsideCaPem: string;
+
+  before(async () => {
+    ca = createTestCa('pullthrough e2e upstream CA');
+    work = makeTempDir('e2e-pull');
+    registry = await startRegistry({ host: 'registry.test', ca });
+    privateRegistry = await startRegistry({ host: 'private.test', ca, htpasswd: { username: 'alice', password: 'wonder-land-42' } });
+    if (canBind443) registry443 = await startRegistry({ host: 'registry443.test', ca, bindAddress: '127.0.0.2', port: 443 });
+    image = await buildOciImage(join(work, 'layout'), {
+      layers: [{ files: { 'etc/motd': 'pulled through pullthrough\n' } }, { randomBytes: 3 * 1024 * 1024 }],
+      tag: 'v1',
+    });
+    await pushImage(image.layoutDir, 'v1', registry, { repository: 'team/app' });
+    await pushImage(image.layoutDir, 'v1', privateRegistry, { repository: 'secret/app' });
+    if (registry443) await pushImage(image.layoutDir, 'v1', registry443, { repository: 'team/app' });
+
+    // A TLS server outside the policy, with a certificate from a CA the proxy knows nothing about.
+    const outsideCa = createTestCa('outside CA');
+    const leaf = outsideCa.issue(['outside.test']);
+    outsideCert = leaf.certPem;
+    outsideCaPem = outsideCa.certPem;
+    outside = https.createServer({ cert: leaf.certPem, key: leaf.keyPem }, (_req, res) => res.end('the real outside server\n'));
+    await new Promise<void>((resolve) => outside.listen(0, '127.0.0.1', resolve));
+
+    const caFile = writePem(work, 'upstream-ca.pem', ca.certPem);
+    proxy = await startTestProxy(`
+registries:
+  ${registry.hostPort}:
+    tls: { ca: ${caFile} }
+  ${privateRegistry.hostPort}:
+    tls: { ca: ${caFile} }
+  registry443.test:
+    tls: { ca: ${caFile} }
+hosts:
+  registry.test: 127.0.0.1
+  private.test: 127.0.0.1
+  registry443.test: 127.0.0.2
+  outside.test: 127.0.0.1
+tunnel:
+  allow: ["*:443", "outside.test:*"]
+`);
+  });
+
+  after(async () => {
+    await proxy?.close();
+    await Promise.all([registry?.stop(), registry443?.stop(), privateRegistry?.stop()]);
+    outside?.close();
+    if (work) removeTempDir(work);
+  });
+
+  test('a pull on a non-443 port arrives at the same port and every blob digest verifies', async () => {
+    registry.resetCounts();
+    const dest = join(work, 'pull-nonstandard-port');
+    const result = await skopeoCopyThroughProxy({ image: `${registry.hostPort}/team/app:v1`, proxyUrl: proxy.url, caFile: proxy.caFile, destDir: dest });
+    assert.equal(result.code, 0, result.stderr);
+    const copy = await verifyDirCopy(dest);
+    assert.equal(copy.manifestDigest, image.manifestDigest);
+    assert.deepEqual(copy.blobDigests, [image.configDigest, ...image.layerDigests].sort());
+
+    // Every blob came from the registry itself (pass-through in this version), via the proxy.
+    await registry.settle();
+    for (const digest of image.layerDigests) {
+      assert.equal(registry.count({ method: 'GET', kind: 'blob', reference: digest }), 1, `one upstream GET of ${digest}`);
+    }
+    const blobLines = proxy.access.filter((e) => e.host === registry.hostPort && e.type === 'blob');
+    assert.equal(blobLines.length, 3, 'config + 2 layers logged by the proxy');
+    assert.ok(blobLines.every((e) => e.cache === 'BYPASS' && e.status === 200 && e.upstreamStatus === 200));
+    assert.equal(blobLines.reduce((sum, e) => sum + e.bytes, 0), [...image.blobs.values()].reduce((a, b) => a + b, 0) - image.manifestSize);
+  });
+
+  test('a registry on 443 is intercepted under its bare host name', { skip: !canBind443 && 'binding 127.0.0.2:443 needs root' }, async () => {
+    const dest = join(work, 'pull-443');
+    const result = await skopeoCopyThroughProxy({ image: 'registry443.test/team/app:v1', proxyUrl: proxy.url, caFile: proxy.caFile, destDir: dest });
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal((await verifyDirCopy(dest)).manifestDigest, image.manifestDigest);
+    assert.ok(proxy.access.some((e) => e.host === 'registry443.test:443' && e.type === 'manifest'));
+  });
+
+  test("the client's own credentials are forwarded, and never logged", async () => {
+    const anonymous = await skopeoCopyThroughProxy({ image: `${privateRegistry.hostPort}/secret/app:v1`, proxyUrl: proxy.url, caFile: proxy.caFile, destDir: join(work, 'anon') });
+    assert.notEqual(anonymous.code, 0, 'an anonymous pull of a private image fails');
+    assert.match(anonymous.stderr, /unauthorized|authentication required|401/i);
+
+    const dest = join(work, 'private');
+    const result = await skopeoCopyThroughProxy({
+      image: `${privateRegistry.hostPort}/secret/app:v1`,
+      proxyUrl: proxy.url,
+      caFile: proxy.caFile,
+      destDir: dest,
+      credentials: { username: 'alice', password: 'wonder-land-42' },
+    });
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal((await verifyDirCopy(dest)).manifestDigest, image.manifestDigest);
+    const basic = Buffer.from('alice:wonder-land-42').toString('base64');
+    const everything = proxy.lines.join('\n');
+    assert.ok(!everything.includes('wonder-land-42') && !everything.includes(basic), 'no credential in the logs');
+  });
+
+  test('a CONNECT outside the policy reaches the real server with its real certificate', async () => {
+    const port = (outside.address() as AddressInfo).port;
+    const socket = await tlsThroughProxy(proxy.port, 'outside.test', port, outsideCaPem);
+    const presented = new X509Certificate(socket.getPeerX509Certificate()!.raw);
+    assert.equal(presented.fingerprint256, new X509Certificate(outsideCert).fingerprint256);
+    const response = await httpOverSocket(socket, 'GET', '/', 'outside.test');
+    assert.equal(response.status, 200);
+    assert.equal(response.body.toString(), 'the real outside server\n');
+    socket.destroy();
+    // The tunnel is logged when it closes, with the bytes it carried.
+    for (let i = 0; i < 50 && !proxy.access.some((e) => e.cache === 'TUNNEL'); i++) await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.ok(proxy.access.some((e) => e.method === 'CONNECT' && e.host === `outside.test:${port}` && e.cache === 'TUNNEL' && e.status === 200));
+  });
+
+  test('an intercepted registry presents a leaf from the proxy CA for the name asked', async () => {
+    const socket = await tlsThroughProxy(proxy.port, 'registry.test', registry.port, proxy.caPem);
+    const leaf = new X509Certificate(socket.getPeerX509Certificate()!.raw);
+    assert.ok(leaf.checkIssued(new X509Certificate(proxy.caPem)));
+    assert.equal(leaf.subjectAltName, 'DNS:registry.test');
+    const response = await httpOverSocket(socket, 'GET', '/v2/', `registry.test:${registry.port}`);
+    assert.equal(response.status, 200);
+    assert.equal(response.headers['x-cache'], 'BYPASS');
+  });
+});

@@ -1,0 +1,62 @@
+// Starts a real pullthrough in this process on a loopback port, with its policy written as YAML into a
+// temporary directory (so the same loader users run is exercised), and captures its log lines.
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { loadPolicy } from '../../config/load.ts';
+import type { AccessEntry } from '../../src/log.ts';
+import { startProxy, type RunningProxy } from '../../src/server.ts';
+
+export interface TestProxy {
+  proxy: RunningProxy;
+  port: number;
+  /** http://127.0.0.1:<port>, for HTTPS_PROXY. */
+  url: string;
+  /** The proxy's CA certificate file (PEM), for SSL_CERT_FILE. */
+  caFile: string;
+  caPem: string;
+  dir: string;
+  access: AccessEntry[];
+  /** Every line the proxy logged (access and operator), raw, for secret greps. */
+  lines: string[];
+  close(): Promise<void>;
+}
+
+/** `yaml` is the policy body without `listen`/`dataDir` (both are set here). */
+export async function startTestProxy(yaml = '', env: NodeJS.ProcessEnv = {}): Promise<TestProxy> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-test-'));
+  const configFile = path.join(dir, 'proxy.yaml');
+  writeFileSync(configFile, `listen: 127.0.0.1:0\ndataDir: ./data\n${yaml}`);
+  const policy = loadPolicy({ configPath: configFile, env: { ...env } });
+  const access: AccessEntry[] = [];
+  const lines: string[] = [];
+  const record = (line: string) => {
+    lines.push(line);
+    if (process.env.PULLTHROUGH_TEST_VERBOSE) process.stderr.write(line + '\n');
+  };
+  const log = {
+    access: (entry: AccessEntry) => {
+      access.push(entry);
+      record(JSON.stringify(entry));
+    },
+    info: (message: string, fields?: Record<string, unknown>) => record(JSON.stringify({ level: 'info', message, ...fields })),
+    warn: (message: string, fields?: Record<string, unknown>) => record(JSON.stringify({ level: 'warn', message, ...fields })),
+    error: (message: string, fields?: Record<string, unknown>) => record(JSON.stringify({ level: 'error', message, ...fields })),
+  };
+  const proxy = await startProxy(policy, log);
+  const caFile = path.join(dir, 'data', 'ca.crt');
+  return {
+    proxy,
+    port: proxy.port,
+    url: `http://127.0.0.1:${proxy.port}`,
+    caFile,
+    caPem: proxy.ca.certPem,
+    dir,
+    access,
+    lines,
+    async close() {
+      await proxy.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
