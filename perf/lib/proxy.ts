@@ -1,0 +1,91 @@
+// pullthrough as users run it — `node src/cli.ts start --config <file>` in its own process — so that
+// /proc shows its CPU and memory alone, and the benchmark's own work (spawning curl, sampling /proc)
+// is not counted against it.
+import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { isRunning, spawnTracked, stopChild } from './cleanup.ts';
+import { answers200, freePort, waitFor } from './net.ts';
+
+const REPO = fileURLToPath(new URL('../../', import.meta.url));
+const CLI = join(REPO, 'src', 'cli.ts');
+const READY_TIMEOUT_MS = 20_000;
+const START_ATTEMPTS = 3;
+
+export interface ProxyOptions {
+  /** Working dir for proxy.yaml, the data dir and the logs (must exist). */
+  dir: string;
+  /** The policy without `listen` and `dataDir`, which are set here. */
+  policy: string;
+  /** Extra node options, e.g. ['--cpu-prof', '--cpu-prof-dir=…'] to see where the CPU goes. */
+  nodeArgs?: string[];
+}
+
+export interface ProxyProcess {
+  pid: number;
+  port: number;
+  /** http://127.0.0.1:<port>, for curl -x. */
+  url: string;
+  /** The proxy's CA (created at first start), for curl --cacert. */
+  caFile: string;
+  /** Where its stdout (the access log) and stderr (operator messages) go. */
+  stdoutFile: string;
+  stderrFile: string;
+  stop(): Promise<void>;
+}
+
+export async function startProxyProcess(options: ProxyOptions): Promise<ProxyProcess> {
+  let lastError: Error | undefined;
+  for (let attempt = 1; attempt <= START_ATTEMPTS; attempt++) {
+    try {
+      return await startOnce(options, await freePort());
+    } catch (err) {
+      // Most likely the free port was taken before the proxy bound it: try another one.
+      lastError = err as Error;
+    }
+  }
+  throw lastError!;
+}
+
+async function startOnce(options: ProxyOptions, port: number): Promise<ProxyProcess> {
+  const configFile = join(options.dir, 'proxy.yaml');
+  const dataDir = join(options.dir, 'data');
+  writeFileSync(configFile, `listen: 127.0.0.1:${port}\ndataDir: ${JSON.stringify(dataDir)}\n${options.policy}`);
+  const stdoutFile = join(options.dir, 'access.log');
+  const stderrFile = join(options.dir, 'proxy.log');
+  const out = openSync(stdoutFile, 'a');
+  const err = openSync(stderrFile, 'a');
+  const child = spawnTracked(process.execPath, [...(options.nodeArgs ?? []), CLI, 'start', '--config', configFile], {
+    cwd: options.dir,
+    env: minimalEnv(),
+    stdio: ['ignore', out, err],
+  });
+  closeSync(out);
+  closeSync(err);
+  const ready = await waitFor(() => answers200(port, '/healthz'), READY_TIMEOUT_MS, () => !isRunning(child));
+  if (!ready) {
+    await stopChild(child, 'SIGKILL');
+    throw new Error(`the proxy did not answer /healthz on 127.0.0.1:${port}; ${stderrFile}:\n${readFileSync(stderrFile, 'utf8').slice(-2000)}`);
+  }
+  return {
+    pid: child.pid!,
+    port,
+    url: `http://127.0.0.1:${port}`,
+    caFile: join(dataDir, 'ca.crt'),
+    stdoutFile,
+    stderrFile,
+    stop: () => stopChild(child, 'SIGTERM', 12_000),
+  };
+}
+
+/**
+ * Only what node needs: no HTTP(S)_PROXY, NODE_OPTIONS, PULLTHROUGH_* overrides or the seed's
+ * variables (REGISTRIES, AUTH_REGISTRIES, …) from the caller's shell may change what is measured.
+ */
+function minimalEnv(): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const name of ['PATH', 'HOME', 'TMPDIR', 'LANG']) {
+    if (process.env[name] !== undefined) env[name] = process.env[name];
+  }
+  return env;
+}
