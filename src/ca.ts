@@ -165,7 +165,7 @@ function signNatively(cert: forge.pki.Certificate, key: ReturnType<typeof create
   const getTbs = (forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate;
   const tbs = forge.asn1.toDer(getTbs(cert)).getBytes();
   cert.signature = sign('sha256', Buffer.from(tbs, 'binary'), key).toString('binary');
-  return forge.pki.certificateToPem(cert);
+  return forge.pki.certificateToPem(cert).replace(/\r\n/g, '\n');
 }
 
 /** 16 random bytes whose first byte is 0x01–0x7F: positive and without a leading zero, as OpenSSL wants. */

@@ -8,7 +8,7 @@ import { CertificateAuthority } from './ca.ts';
 import { openIndex } from './cache/index.ts';
 import { createFront } from './listener.ts';
 import type { Logger } from './log.ts';
-import { createWorkerPool } from './pool.ts';
+import { createWorkerPool, type WorkerPool } from './pool.ts';
 import { createRegistryHandler } from './registry/handler.ts';
 import { createLookup } from './resolver.ts';
 import { InterceptedSessions } from './session.ts';
@@ -20,6 +20,7 @@ export interface RunningProxy {
   port: number;
   host: string;
   ca: CertificateAuthority;
+  pool: WorkerPool;
   close(): Promise<void>;
 }
 
@@ -61,6 +62,7 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
     port: address.port,
     host: address.address,
     ca,
+    pool,
     async close() {
       await front.close();
       await Promise.all([upstreams.close(), pool.close()]);

@@ -177,6 +177,20 @@ hosts:
     assert.equal(seen.length, 0, 'nothing reached upstream');
   });
 
+  test('TLS verification is on unless a registry turns it off', async () => {
+    const strict = await startTestProxy(`registries:\n  fake.test:${port}: {}\nhosts:\n  fake.test: 127.0.0.1\n`);
+    const lax = await startTestProxy(`registries:\n  fake.test:${port}: { tls: { verify: false } }\nhosts:\n  fake.test: 127.0.0.1\n`);
+    try {
+      const refused = await httpOverSocket(await tlsThroughProxy(strict.port, 'fake.test', port, strict.caPem), 'GET', '/v2/', `fake.test:${port}`);
+      assert.equal(refused.status, 502);
+      assert.match(refused.body.toString(), /tls\.ca in proxy\.yaml or NODE_EXTRA_CA_CERTS/);
+      const accepted = await httpOverSocket(await tlsThroughProxy(lax.port, 'fake.test', port, lax.caPem), 'GET', '/v2/', `fake.test:${port}`);
+      assert.equal(accepted.status, 200);
+    } finally {
+      await Promise.all([strict.close(), lax.close()]);
+    }
+  });
+
   test('an unreachable upstream gives 502 with the reason', async () => {
     const closed = await startTestProxy(`registries:\n  gone.test:1: {}\nhosts:\n  gone.test: 127.0.0.1\n`);
     try {
