@@ -137,7 +137,7 @@ function forwardPlainHttp(req: http.IncomingMessage, res: http.ServerResponse, d
     );
   }
   req.url = `${url.pathname}${url.search}`;
-  void deps.registryHandler(req, res, { registry, scheme: 'http', client: req.socket.remoteAddress ?? '' });
+  void deps.registryHandler(req, res, { registry, client: req.socket.remoteAddress ?? '' });
   return undefined;
 }
 

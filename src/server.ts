@@ -5,7 +5,10 @@ import type { AddressInfo } from 'node:net';
 import type { Policy } from '../config/policy.ts';
 import { createAdminHandler } from './admin/index.ts';
 import { CertificateAuthority } from './ca.ts';
+import { BlobStore } from './cache/blob-store.ts';
+import { Fills } from './cache/fills.ts';
 import { openIndex } from './cache/index.ts';
+import { createBlobHandler } from './registry/blobs.ts';
 import { createFront } from './listener.ts';
 import type { Logger } from './log.ts';
 import { createWorkerPool, type WorkerPool } from './pool.ts';
@@ -40,9 +43,13 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
   }
 
   const lookup = createLookup(policy.hosts, policy.ipv6);
-  const upstreams = new UpstreamAgents(lookup);
+  const upstreams = new UpstreamAgents();
   const pool = createWorkerPool(log);
-  const registryHandler = createRegistryHandler({ upstreams, log });
+  const store = new BlobStore(policy.dataDir, index.root, log);
+  await store.start();
+  const fills = new Fills(pool, store, policy.cache, log);
+  const blobs = createBlobHandler({ store, fills, upstreams, limits: policy.cache, log });
+  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, log });
   const sessions = new InterceptedSessions(ca, registryHandler, log);
   const listenHost = policy.listen.host;
   const admin = createAdminHandler({ ca, pool, version: VERSION, fallbackHost: `${listenHost}:${policy.listen.port}` });

@@ -71,7 +71,7 @@ export class InterceptedSessions {
       server = http.createServer({ maxHeaderSize: 64 * 1024 }, (req, res) => {
         const session = this.sessions.get(req.socket)!;
         session.requests++;
-        this.handler(req, res, { registry: session.registry, scheme: 'https', client: session.client }).catch((err: Error) => {
+        this.handler(req, res, { registry: session.registry, client: session.client }).catch((err: Error) => {
           this.log.error('request handler failed', { registry: session.registry.key, error: err.stack ?? err.message });
           res.destroy();
         });

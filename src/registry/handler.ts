@@ -2,24 +2,38 @@
 // intercepted TLS session, a plain-HTTP absolute-form request, later a registry-mirror listener).
 // It does not know about sockets or CONNECT; it gets the registry and the request.
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import type { RegistryPolicy } from '../../config/policy.ts';
+import type { Policy, RegistryPolicy } from '../../config/policy.ts';
 import { pathForLog, type Logger } from '../log.ts';
-import type { UpstreamAgents } from '../upstream/agents.ts';
+import { upstreamConfig, type UpstreamAgents, type UpstreamConfig } from '../upstream/agents.ts';
 import { forward } from '../upstream/forward.ts';
+import type { BlobHandler } from './blobs.ts';
 import { sendRegistryError } from './errors.ts';
 import { isRouteError, routeRequest } from './route.ts';
 
 export interface RegistryRequestContext {
   registry: RegistryPolicy;
-  scheme: 'https' | 'http';
   /** Client address, for the access log. */
   client: string;
 }
 
 export type RegistryHandler = (req: IncomingMessage, res: ServerResponse, context: RegistryRequestContext) => Promise<void>;
 
-export function createRegistryHandler(deps: { upstreams: UpstreamAgents; log: Logger }): RegistryHandler {
-  return async (req, res, { registry, scheme, client }) => {
+export interface RegistryHandlerDeps {
+  policy: Policy;
+  upstreams: UpstreamAgents;
+  blobs: BlobHandler;
+  log: Logger;
+}
+
+export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandler {
+  const configs = new Map<string, UpstreamConfig>();
+  const configFor = (registry: RegistryPolicy) => {
+    let config = configs.get(registry.key);
+    if (!config) configs.set(registry.key, (config = upstreamConfig(registry, deps.policy.hosts, deps.policy.ipv6)));
+    return config;
+  };
+
+  return async (req, res, { registry, client }) => {
     const started = performance.now();
     const route = routeRequest(req.url ?? '/');
     const access = { method: req.method ?? 'GET', host: registry.key, path: pathForLog(req.url), client };
@@ -28,20 +42,22 @@ export function createRegistryHandler(deps: { upstreams: UpstreamAgents; log: Lo
       deps.log.access({ ...access, status: route.status, bytes: 0, type: 'invalid', ms: elapsed(started), error: route.message });
       return;
     }
-    const defaultPort = scheme === 'https' ? 443 : 80;
-    const hostPort = registry.port === defaultPort ? registry.host : `${registry.host}:${registry.port}`;
-    const result = await forward(
-      req,
-      res,
-      {
-        dispatcher: deps.upstreams.for(registry),
-        origin: `${scheme}://${registry.host.includes(':') ? `[${registry.host}]` : registry.host}:${registry.port}`,
-        hostHeader: hostPort.includes(':') && registry.host.includes(':') ? `[${registry.host}]:${registry.port}` : hostPort,
-      },
-      { 'X-Cache': 'BYPASS' },
-    );
+    const upstream = configFor(registry);
+    const hostHeader = hostHeaderFor(registry);
+    if (route.kind === 'blob' && (req.method === 'GET' || req.method === 'HEAD')) {
+      const result = await deps.blobs(req, res, { digest: route.digest, name: route.name, upstream, hostHeader });
+      deps.log.access({ ...access, ...result, type: 'blob', ms: elapsed(started) });
+      return;
+    }
+    const result = await forward(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader }, { 'X-Cache': 'BYPASS' });
     deps.log.access({ ...access, ...result, cache: 'BYPASS', type: route.kind, ms: elapsed(started) });
   };
+}
+
+/** host[:port] as clients write it: the port only when it is not the scheme's default. */
+function hostHeaderFor(registry: RegistryPolicy): string {
+  const host = registry.host.includes(':') ? `[${registry.host}]` : registry.host;
+  return registry.port === (registry.http ? 80 : 443) ? host : `${host}:${registry.port}`;
 }
 
 function elapsed(since: number): number {

@@ -1,52 +1,79 @@
 // One undici Agent per registry: keep-alive pools per origin (the registry and any host it redirects
 // to), SNI from the origin's name, HTTP/1.1 only, the registry's timeouts, and the trust it is due.
+// The primary thread and every fill worker build their agents with the same function.
 import tls from 'node:tls';
-import type { LookupFunction } from 'node:net';
 import { Agent } from 'undici';
-import type { RegistryPolicy } from '../../config/policy.ts';
+import type { RegistryPolicy, Timeouts } from '../../config/policy.ts';
+import { createLookup } from '../resolver.ts';
 
 /** Response heads up to this size are accepted: Google Artifact Registry sends very large ones. */
 const MAX_RESPONSE_HEADER_BYTES = 256 * 1024;
 
+/** What a thread needs to reach a registry: plain data, so it can be posted to a worker. */
+export interface UpstreamConfig {
+  key: string;
+  /** "https://host:port" or "http://host:port". */
+  origin: string;
+  caPem?: string;
+  verify: boolean;
+  timeouts: Timeouts;
+  hosts: Array<[string, string]>;
+  ipv6: boolean;
+}
+
+export function upstreamConfig(registry: RegistryPolicy, hosts: ReadonlyMap<string, string>, ipv6: boolean): UpstreamConfig {
+  const host = registry.host.includes(':') ? `[${registry.host}]` : registry.host;
+  return {
+    key: registry.key,
+    origin: `${registry.http ? 'http' : 'https'}://${host}:${registry.port}`,
+    ...(registry.tls.caPem ? { caPem: registry.tls.caPem } : {}),
+    verify: registry.tls.verify,
+    timeouts: registry.timeouts,
+    hosts: [...hosts],
+    ipv6,
+  };
+}
+
+export function createAgent(config: UpstreamConfig): Agent {
+  return new Agent({
+    connect: {
+      ca: [...defaultCas(), ...(config.caPem ? [config.caPem] : [])],
+      rejectUnauthorized: config.verify,
+      lookup: createLookup(new Map(config.hosts), config.ipv6),
+      timeout: config.timeouts.connectMs,
+    },
+    allowH2: false,
+    headersTimeout: config.timeouts.headersMs,
+    bodyTimeout: config.timeouts.idleMs,
+    keepAliveTimeout: config.timeouts.keepAliveMs,
+    maxHeaderSize: MAX_RESPONSE_HEADER_BYTES,
+    connections: 64,
+    pipelining: 1,
+  });
+}
+
+let cachedCas: string[] | undefined;
+
+/**
+ * Node's bundled roots and NODE_EXTRA_CA_CERTS ("default") plus the operating system's store: passing
+ * `ca` replaces the defaults, so they are listed explicitly. Read once per thread, on first use.
+ */
+function defaultCas(): string[] {
+  cachedCas ??= [...new Set([...tls.getCACertificates('default'), ...tls.getCACertificates('system')])];
+  return cachedCas;
+}
+
+/** The agents of one thread, by registry. */
 export class UpstreamAgents {
   private readonly agents = new Map<string, Agent>();
-  private readonly lookup: LookupFunction;
-  private baseCas: string[] | undefined;
 
-  constructor(lookup: LookupFunction) {
-    this.lookup = lookup;
-  }
-
-  for(registry: RegistryPolicy): Agent {
-    let agent = this.agents.get(registry.key);
+  for(config: UpstreamConfig): Agent {
+    let agent = this.agents.get(config.key);
     if (!agent) {
-      agent = new Agent({
-        connect: {
-          ca: [...this.defaultCas(), ...(registry.tls.caPem ? [registry.tls.caPem] : [])],
-          rejectUnauthorized: registry.tls.verify,
-          lookup: this.lookup,
-          timeout: registry.timeouts.connectMs,
-        },
-        allowH2: false,
-        headersTimeout: registry.timeouts.headersMs,
-        bodyTimeout: registry.timeouts.idleMs,
-        keepAliveTimeout: registry.timeouts.keepAliveMs,
-        maxHeaderSize: MAX_RESPONSE_HEADER_BYTES,
-        connections: 64,
-        pipelining: 1,
-      });
-      this.agents.set(registry.key, agent);
+      agent = createAgent(config);
+      this.agents.set(config.key, agent);
     }
     return agent;
-  }
-
-  /**
-   * Node's bundled roots and NODE_EXTRA_CA_CERTS ("default") plus the operating system's store: passing
-   * `ca` replaces the defaults, so they are listed explicitly. Read once, on first use.
-   */
-  private defaultCas(): string[] {
-    this.baseCas ??= [...new Set([...tls.getCACertificates('default'), ...tls.getCACertificates('system')])];
-    return this.baseCas;
   }
 
   async close(): Promise<void> {

@@ -23,6 +23,8 @@ describe('pulling through the proxy with skopeo', () => {
   let privateRegistry: RegistryHandle;
   let proxy: TestProxy;
   let image: BuiltImage;
+  let privateImage: BuiltImage;
+  let crowdImage: BuiltImage;
   let work: string;
   let outside: https.Server;
   let outsideCert: string;
@@ -38,8 +40,11 @@ describe('pulling through the proxy with skopeo', () => {
       layers: [{ files: { 'etc/motd': 'pulled through pullthrough\n' } }, { randomBytes: 3 * 1024 * 1024 }],
       tag: 'v1',
     });
+    privateImage = await buildOciImage(join(work, 'private-layout'), { layers: [{ randomBytes: 2 * 1024 * 1024 }], tag: 'v1' });
+    crowdImage = await buildOciImage(join(work, 'crowd-layout'), { layers: [{ randomBytes: 24 * 1024 * 1024 }, { randomBytes: 8 * 1024 * 1024 }], tag: 'v1' });
     await pushImage(image.layoutDir, 'v1', registry, { repository: 'team/app' });
-    await pushImage(image.layoutDir, 'v1', privateRegistry, { repository: 'secret/app' });
+    await pushImage(crowdImage.layoutDir, 'v1', registry, { repository: 'team/crowd' });
+    await pushImage(privateImage.layoutDir, 'v1', privateRegistry, { repository: 'secret/app' });
     if (registry443) await pushImage(image.layoutDir, 'v1', registry443, { repository: 'team/app' });
 
     // A TLS server outside the policy, with a certificate from a CA the proxy knows nothing about.
@@ -85,15 +90,50 @@ tunnel:
     assert.equal(copy.manifestDigest, image.manifestDigest);
     assert.deepEqual(copy.blobDigests, [image.configDigest, ...image.layerDigests].sort());
 
-    // Every blob came from the registry itself (pass-through in this version), via the proxy.
+    // Every blob came from the registry once, through the proxy, which cached it.
     await registry.settle();
     for (const digest of image.layerDigests) {
       assert.equal(registry.count({ method: 'GET', kind: 'blob', reference: digest }), 1, `one upstream GET of ${digest}`);
     }
     const blobLines = proxy.access.filter((e) => e.host === registry.hostPort && e.type === 'blob');
     assert.equal(blobLines.length, 3, 'config + 2 layers logged by the proxy');
-    assert.ok(blobLines.every((e) => e.cache === 'BYPASS' && e.status === 200 && e.upstreamStatus === 200));
+    assert.ok(blobLines.every((e) => e.cache === 'MISS' && e.status === 200), JSON.stringify(blobLines));
     assert.equal(blobLines.reduce((sum, e) => sum + e.bytes, 0), [...image.blobs.values()].reduce((a, b) => a + b, 0) - image.manifestSize);
+  });
+
+  test('a warm pull is served from the cache with zero upstream blob requests', async () => {
+    registry.resetCounts();
+    const before = proxy.access.length;
+    const dest = join(work, 'pull-warm');
+    const result = await skopeoCopyThroughProxy({ image: `${registry.hostPort}/team/app:v1`, proxyUrl: proxy.url, caFile: proxy.caFile, destDir: dest });
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal((await verifyDirCopy(dest)).manifestDigest, image.manifestDigest);
+    await registry.settle();
+    assert.equal(registry.count({ kind: 'blob' }), 0, `upstream blob requests: ${JSON.stringify(registry.requests())}`);
+    const blobLines = proxy.access.slice(before).filter((e) => e.type === 'blob');
+    assert.deepEqual(blobLines.map((e) => e.cache), ['HIT', 'HIT', 'HIT']);
+  });
+
+  test('8 clients pulling the same cold image at once cause exactly one upstream GET per blob', async () => {
+    registry.resetCounts();
+    const before = proxy.access.length;
+    const results = await Promise.all(
+      Array.from({ length: 8 }, (_, i) =>
+        skopeoCopyThroughProxy({ image: `${registry.hostPort}/team/crowd:v1`, proxyUrl: proxy.url, caFile: proxy.caFile, destDir: join(work, `crowd-${i}`) }),
+      ),
+    );
+    for (const [i, result] of results.entries()) {
+      assert.equal(result.code, 0, `client ${i}: ${result.stderr}`);
+      const copy = await verifyDirCopy(join(work, `crowd-${i}`));
+      assert.deepEqual(copy.blobDigests, [crowdImage.configDigest, ...crowdImage.layerDigests].sort(), `client ${i} got every blob intact`);
+    }
+    await registry.settle();
+    for (const digest of [crowdImage.configDigest, ...crowdImage.layerDigests]) {
+      assert.equal(registry.count({ method: 'GET', kind: 'blob', reference: digest }), 1, `one upstream GET of ${digest}`);
+    }
+    const statuses = proxy.access.slice(before).filter((e) => e.type === 'blob').map((e) => e.cache);
+    assert.equal(statuses.length, 24);
+    assert.equal(statuses.filter((c) => c === 'MISS').length, 3, `one leader per blob: ${statuses.join(' ')}`);
   });
 
   test('a registry on 443 is intercepted under its bare host name', { skip: !canBind443 && 'binding 127.0.0.2:443 needs root' }, async () => {
@@ -104,21 +144,32 @@ tunnel:
     assert.ok(proxy.access.some((e) => e.host === 'registry443.test:443' && e.type === 'manifest'));
   });
 
-  test("the client's own credentials are forwarded, and never logged", async () => {
-    const anonymous = await skopeoCopyThroughProxy({ image: `${privateRegistry.hostPort}/secret/app:v1`, proxyUrl: proxy.url, caFile: proxy.caFile, destDir: join(work, 'anon') });
+  test("private content: the client's credentials are forwarded, never logged, and its cached blobs are not served to others", async () => {
+    const image = `${privateRegistry.hostPort}/secret/app:v1`;
+    const alice = { username: 'alice', password: 'wonder-land-42' };
+    const anonymous = await skopeoCopyThroughProxy({ image, proxyUrl: proxy.url, caFile: proxy.caFile, destDir: join(work, 'anon') });
     assert.notEqual(anonymous.code, 0, 'an anonymous pull of a private image fails');
     assert.match(anonymous.stderr, /unauthorized|authentication required|401/i);
 
-    const dest = join(work, 'private');
-    const result = await skopeoCopyThroughProxy({
-      image: `${privateRegistry.hostPort}/secret/app:v1`,
-      proxyUrl: proxy.url,
-      caFile: proxy.caFile,
-      destDir: dest,
-      credentials: { username: 'alice', password: 'wonder-land-42' },
-    });
-    assert.equal(result.code, 0, result.stderr);
-    assert.equal((await verifyDirCopy(dest)).manifestDigest, image.manifestDigest);
+    const first = await skopeoCopyThroughProxy({ image, proxyUrl: proxy.url, caFile: proxy.caFile, destDir: join(work, 'private'), credentials: alice });
+    assert.equal(first.code, 0, first.stderr);
+    assert.equal((await verifyDirCopy(join(work, 'private'))).manifestDigest, privateImage.manifestDigest);
+
+    // Cached now, but a client without credentials still gets the registry's 401, not the bytes.
+    const layer = privateImage.layerDigests[0]!;
+    const socket = await tlsThroughProxy(proxy.port, 'private.test', privateRegistry.port, proxy.caPem);
+    const stolen = await httpOverSocket(socket, 'GET', `/v2/secret/app/blobs/${layer}`, privateRegistry.hostPort);
+    assert.equal(stolen.status, 401);
+    assert.ok(stolen.body.length < 1000, 'no blob bytes');
+    assert.match(stolen.headers['www-authenticate'] ?? '', /Basic/);
+
+    // A client with valid credentials is served from the cache: no upstream blob bytes, only a HEAD.
+    privateRegistry.resetCounts();
+    const second = await skopeoCopyThroughProxy({ image, proxyUrl: proxy.url, caFile: proxy.caFile, destDir: join(work, 'private-2'), credentials: alice });
+    assert.equal(second.code, 0, second.stderr);
+    await privateRegistry.settle();
+    assert.equal(privateRegistry.count({ method: 'GET', kind: 'blob' }), 0, JSON.stringify(privateRegistry.requests()));
+
     const basic = Buffer.from('alice:wonder-land-42').toString('base64');
     const everything = proxy.lines.join('\n');
     assert.ok(!everything.includes('wonder-land-42') && !everything.includes(basic), 'no credential in the logs');

@@ -1,0 +1,161 @@
+// The content-addressed blob store: verified blobs at blobs/<alg>/<ab>/<hex>, in-progress fills at
+// tmp/<hex>.<random>.part, metadata in LMDB. A file is in blobs/ only once its digest verified (the fill
+// renames it there), and an index entry is written only after that, so a crash at any moment leaves at
+// worst an orphan file or a stale .part, both removed at the next start.
+import { randomBytes } from 'node:crypto';
+import { mkdir, open, readdir, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import type { Database, RootDatabase } from 'lmdb';
+import type { Logger } from '../log.ts';
+
+/** How a blob was obtained: who may read it from the cache depends on it. */
+export type Access = 'anonymous' | 'client' | 'central';
+
+export interface BlobEntry {
+  size: number;
+  mediaType?: string;
+  /** Epoch milliseconds. */
+  firstAccess: number;
+  lastAccess: number;
+  hits: number;
+  /** Where it was first fetched from: "host:port" and repository. */
+  registry: string;
+  repository: string;
+  access: Access;
+}
+
+export interface CacheLimits {
+  maxSize: number;
+  minFree: number;
+}
+
+export class BlobStore {
+  readonly root: string;
+  readonly tmp: string;
+  private readonly db: Database<BlobEntry, string>;
+  private readonly log: Logger;
+  private totalBytes = 0;
+
+  constructor(dataDir: string, index: RootDatabase, log: Logger) {
+    this.root = path.join(dataDir, 'blobs');
+    this.tmp = path.join(dataDir, 'tmp');
+    this.db = index.openDB<BlobEntry, string>({ name: 'blobs', encoding: 'msgpack' });
+    this.log = log;
+  }
+
+  /** Removes what a crash can leave (stale .part files, orphans, entries without files); sums the size. */
+  async start(): Promise<void> {
+    await rm(this.tmp, { recursive: true, force: true });
+    await mkdir(this.tmp, { recursive: true });
+    await mkdir(this.root, { recursive: true });
+    let total = 0;
+    const indexed = new Set<string>();
+    for (const { key, value } of this.db.getRange()) {
+      const size = await stat(this.blobPath(key)).then((s) => s.size, () => -1);
+      if (size !== value.size) {
+        await this.db.remove(key);
+        this.log.warn('dropped an index entry whose blob file is missing or has the wrong size', { digest: key });
+        continue;
+      }
+      indexed.add(key);
+      total += size;
+    }
+    let orphans = 0;
+    for (const file of await listFiles(this.root)) {
+      const digest = digestOfPath(this.root, file);
+      if (!digest || !indexed.has(digest)) {
+        await rm(file, { force: true });
+        orphans++;
+      }
+    }
+    if (orphans > 0) this.log.info('removed blob files the index does not know (left by a crash)', { files: orphans });
+    this.totalBytes = total;
+  }
+
+  get total(): number {
+    return this.totalBytes;
+  }
+
+  blobPath(digest: string): string {
+    const [algorithm, hex] = digest.split(':') as [string, string];
+    return path.join(this.root, algorithm, hex.slice(0, 2), hex);
+  }
+
+  partPath(digest: string): string {
+    const hex = digest.slice(digest.indexOf(':') + 1);
+    return path.join(this.tmp, `${hex}.${randomBytes(6).toString('hex')}.part`);
+  }
+
+  lookup(digest: string): BlobEntry | undefined {
+    return this.db.get(digest);
+  }
+
+  /** Opens a cached blob for reading; a file gone from under the index (evicted) is a miss. */
+  async open(digest: string): Promise<{ entry: BlobEntry; handle: FileHandle } | undefined> {
+    const entry = this.db.get(digest);
+    if (!entry) return undefined;
+    try {
+      return { entry, handle: await open(this.blobPath(digest), 'r') };
+    } catch {
+      await this.forget(digest);
+      return undefined;
+    }
+  }
+
+  /** Records a blob the fill has renamed into place. */
+  record(digest: string, entry: BlobEntry): void {
+    if (!this.db.get(digest)) this.totalBytes += entry.size;
+    void this.db.put(digest, entry);
+  }
+
+  touch(digest: string, entry: BlobEntry): void {
+    void this.db.put(digest, { ...entry, hits: entry.hits + 1, lastAccess: Date.now() });
+  }
+
+  async forget(digest: string): Promise<void> {
+    const entry = this.db.get(digest);
+    if (entry) this.totalBytes -= entry.size;
+    await this.db.remove(digest);
+  }
+
+  async freeBytes(): Promise<number> {
+    const fs = await statfs(this.root);
+    return fs.bavail * fs.bsize;
+  }
+
+  /**
+   * Makes room for `incoming` bytes: least recently used blobs go until the cache fits maxSize and the
+   * disk keeps minFree. A reader that has an evicted file open keeps reading it (the inode lives on
+   * until closed). Returns false when even an empty cache would not make room.
+   */
+  async makeRoom(incoming: number, limits: CacheLimits, keep: ReadonlySet<string> = new Set()): Promise<boolean> {
+    let free = await this.freeBytes();
+    const fits = () => this.totalBytes + incoming <= limits.maxSize && free - incoming >= limits.minFree;
+    if (fits()) return true;
+    const candidates = [...this.db.getRange()]
+      .filter(({ key }) => !keep.has(key))
+      .sort((a, b) => a.value.lastAccess - b.value.lastAccess);
+    let evicted = 0;
+    for (const { key, value } of candidates) {
+      if (fits()) break;
+      await rm(this.blobPath(key), { force: true });
+      await this.forget(key);
+      free += value.size;
+      evicted++;
+    }
+    if (evicted > 0) this.log.info('evicted least recently used blobs', { blobs: evicted, cacheBytes: this.totalBytes });
+    return fits();
+  }
+}
+
+async function listFiles(dir: string): Promise<string[]> {
+  const entries = await readdir(dir, { recursive: true, withFileTypes: true }).catch(() => []);
+  return entries.filter((e) => e.isFile()).map((e) => path.join(e.parentPath, e.name));
+}
+
+/** blobs/sha256/ab/abcd… → sha256:abcd…, or undefined for anything that is not a blob's place. */
+function digestOfPath(root: string, file: string): string | undefined {
+  const [algorithm, prefix, hex, ...rest] = path.relative(root, file).split(path.sep);
+  if (rest.length > 0 || !algorithm || !hex || !prefix || !hex.startsWith(prefix)) return undefined;
+  return `${algorithm}:${hex}`;
+}

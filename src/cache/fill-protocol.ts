@@ -1,0 +1,42 @@
+// The messages between the primary and a fill task in the worker pool.
+import type { MessagePort } from 'node:worker_threads';
+import type { UpstreamConfig } from '../upstream/agents.ts';
+
+export interface FillTask {
+  digest: string;
+  upstream: UpstreamConfig;
+  /** Registry path of the blob: /v2/<name>/blobs/<digest>. */
+  path: string;
+  /** Sent upstream on the first hop (Authorization, User-Agent); dropped when a redirect leaves the host. */
+  headers: Record<string, string>;
+  partPath: string;
+  blobPath: string;
+  port: MessagePort;
+}
+
+export type FillMessage =
+  /** Upstream answered 200: the blob's size (when announced) and type. */
+  | { type: 'response'; size: number | undefined; mediaType: string | undefined; hops: number; from: string }
+  /** The .part file holds this many bytes, written and hashed. */
+  | { type: 'progress'; bytes: number }
+  /** Every byte is in and the digest matches: readers may send their last byte. */
+  | { type: 'verified'; size: number }
+  /** The last message of a task. */
+  | { type: 'end'; outcome: FillOutcome };
+
+export type FillOutcome =
+  | { kind: 'committed'; size: number }
+  /** Upstream answered something other than 200 (401, 404, 429, …): passed to the client as it came. */
+  | { kind: 'upstream-status'; status: number; headers: Record<string, string>; body: string }
+  | {
+      kind: 'failed';
+      reason: string;
+      /** Bytes that were written before the failure. */
+      offset: number;
+      /** The bytes do not match the digest: every reader is cut. */
+      mismatch?: boolean;
+      /** The disk failed (full, read-only): readers continue from upstream without the cache. */
+      writeError?: boolean;
+      /** The digest had verified before the store failed. */
+      verified?: boolean;
+    };

@@ -1,0 +1,152 @@
+// Single flight: one fill per digest, run as a task in the worker pool, that every client of the blob
+// joins. The primary keeps the in-flight map (digest → Fill); a Fill mirrors what its task reports, and
+// readers wait on it for bytes to exist in the growing file.
+import { EventEmitter } from 'node:events';
+import { MessageChannel } from 'node:worker_threads';
+import type { Logger } from '../log.ts';
+import type { WorkerPool } from '../pool.ts';
+import type { UpstreamConfig } from '../upstream/agents.ts';
+import type { Access, BlobStore, CacheLimits } from './blob-store.ts';
+import type { FillMessage, FillOutcome } from './fill-protocol.ts';
+
+export interface FillRequest {
+  digest: string;
+  upstream: UpstreamConfig;
+  path: string;
+  headers: Record<string, string>;
+  access: Access;
+  registry: string;
+  repository: string;
+}
+
+export class Fill extends EventEmitter {
+  readonly digest: string;
+  readonly partPath: string;
+  readonly blobPath: string;
+  readonly access: Access;
+  /** Set when upstream answered 200. */
+  responded = false;
+  size: number | undefined;
+  mediaType: string | undefined;
+  /** Bytes in the .part file, written and hashed. */
+  published = 0;
+  verified = false;
+  outcome: FillOutcome | undefined;
+  /** Clients that joined after the first. */
+  joined = 0;
+
+  constructor(digest: string, partPath: string, blobPath: string, access: Access) {
+    super();
+    this.digest = digest;
+    this.partPath = partPath;
+    this.blobPath = blobPath;
+    this.access = access;
+    this.setMaxListeners(0); // one listener per waiting client
+  }
+
+  /** Resolves once upstream answered or the fill ended. */
+  responseReady(): Promise<void> {
+    if (this.responded || this.outcome) return Promise.resolve();
+    return new Promise((resolve) => {
+      const check = () => {
+        if (!this.responded && !this.outcome) return;
+        this.off('update', check);
+        resolve();
+      };
+      this.on('update', check);
+    });
+  }
+
+  apply(message: FillMessage): void {
+    switch (message.type) {
+      case 'response':
+        this.responded = true;
+        this.size = message.size;
+        this.mediaType = message.mediaType;
+        break;
+      case 'progress':
+        this.published = message.bytes;
+        break;
+      case 'verified':
+        this.verified = true;
+        this.size = message.size;
+        break;
+      case 'end':
+        this.outcome = message.outcome;
+        if (message.outcome.kind === 'failed' && message.outcome.verified) this.verified = true;
+        break;
+    }
+    this.emit('update');
+  }
+}
+
+export class Fills {
+  private readonly inflight = new Map<string, Fill>();
+  private readonly pool: WorkerPool;
+  private readonly store: BlobStore;
+  private readonly limits: CacheLimits;
+  private readonly log: Logger;
+
+  constructor(pool: WorkerPool, store: BlobStore, limits: CacheLimits, log: Logger) {
+    this.pool = pool;
+    this.store = store;
+    this.limits = limits;
+    this.log = log;
+  }
+
+  get(digest: string): Fill | undefined {
+    return this.inflight.get(digest);
+  }
+
+  get active(): number {
+    return this.inflight.size;
+  }
+
+  start(request: FillRequest): Fill {
+    const fill = new Fill(request.digest, this.store.partPath(request.digest), this.store.blobPath(request.digest), request.access);
+    this.inflight.set(request.digest, fill);
+    const { port1, port2 } = new MessageChannel();
+    port1.on('message', (message: FillMessage) => {
+      fill.apply(message);
+      if (message.type === 'response' && message.size !== undefined) {
+        // Room for what is coming, while it comes; the fills in flight are never evicted.
+        void this.store.makeRoom(message.size, this.limits, new Set(this.inflight.keys())).catch(() => {});
+      }
+      if (message.type === 'end') {
+        port1.close(); // only after the task's last message
+        this.finish(request, fill, message.outcome);
+      }
+    });
+    const task = { digest: request.digest, upstream: request.upstream, path: request.path, headers: request.headers, partPath: fill.partPath, blobPath: fill.blobPath, port: port2 };
+    this.pool.fill(task, [port2]).catch((err: Error) => {
+      // The worker died (Piscina replaces it): its clients are cut, the next request fills again.
+      if (fill.outcome) return;
+      port1.close();
+      fill.apply({ type: 'end', outcome: { kind: 'failed', reason: `fill worker failed: ${err.message}`, offset: fill.published } });
+      this.finish(request, fill, fill.outcome!);
+    });
+    return fill;
+  }
+
+  private finish(request: FillRequest, fill: Fill, outcome: FillOutcome): void {
+    if (this.inflight.get(request.digest) === fill) this.inflight.delete(request.digest);
+    const where = { digest: request.digest, registry: request.registry, repository: request.repository };
+    if (outcome.kind === 'committed') {
+      const now = Date.now();
+      this.store.record(request.digest, {
+        size: outcome.size,
+        ...(fill.mediaType ? { mediaType: fill.mediaType } : {}),
+        firstAccess: now,
+        lastAccess: now,
+        hits: 0,
+        registry: request.registry,
+        repository: request.repository,
+        access: request.access,
+      });
+      void this.store.makeRoom(0, this.limits, new Set([request.digest, ...this.inflight.keys()])).catch(() => {});
+    } else if (outcome.kind === 'failed') {
+      if (outcome.writeError) this.log.warn('the cache cannot write; serving from upstream without caching', { ...where, error: outcome.reason });
+      else this.log.warn(outcome.mismatch ? 'upstream sent bytes that do not match the digest: not cached, clients cut' : 'a blob fill failed', { ...where, error: outcome.reason });
+    }
+  }
+}

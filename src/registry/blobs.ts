@@ -1,0 +1,265 @@
+// GET and HEAD of /v2/<name>/blobs/<digest>: from the cache (HIT), by joining the fill in flight
+// (JOINED), or by starting the one fill every later client joins (MISS). One pipeline for GET, HEAD
+// and Range: HEAD is the same answer without the body.
+import { open, type FileHandle } from 'node:fs/promises';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Dispatcher } from 'undici';
+import type { BlobStore, CacheLimits } from '../cache/blob-store.ts';
+import { pumpFile, type PumpResult } from '../cache/blob-reader.ts';
+import type { Fill, Fills } from '../cache/fills.ts';
+import type { CacheStatus, Logger } from '../log.ts';
+import { positionAt } from '../upstream/body.ts';
+import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
+import { describeUpstreamError, forward, responseHeadersForClient } from '../upstream/forward.ts';
+import { requestFollowingRedirects } from '../upstream/redirects.ts';
+import { sendRegistryError } from './errors.ts';
+import { parseRange } from './range.ts';
+import { checkReadAccess } from './read-access.ts';
+import type { Digest, RepositoryName } from './route.ts';
+
+export interface BlobRequest {
+  digest: Digest;
+  name: RepositoryName;
+  upstream: UpstreamConfig;
+  /** Host header for upstream: host[:port] as the client named it. */
+  hostHeader: string;
+}
+
+export interface BlobResult {
+  status: number;
+  bytes: number;
+  cache: CacheStatus;
+  upstreamStatus?: number;
+  error?: string;
+}
+
+export interface BlobDeps {
+  store: BlobStore;
+  fills: Fills;
+  upstreams: UpstreamAgents;
+  limits: CacheLimits;
+  log: Logger;
+}
+
+export type BlobHandler = (req: IncomingMessage, res: ServerResponse, blob: BlobRequest) => Promise<BlobResult>;
+
+export function createBlobHandler(deps: BlobDeps): BlobHandler {
+  return async (req, res, blob) => {
+    const dispatcher = deps.upstreams.for(blob.upstream);
+    const head = req.method === 'HEAD';
+
+    const entry = deps.store.lookup(blob.digest);
+    if (entry) {
+      const refused = await refuseUnlessReadable(entry.access, req, res, dispatcher, blob);
+      if (refused) return refused;
+      const opened = head ? undefined : await deps.store.open(blob.digest);
+      if (head || opened) {
+        if (!head) deps.store.touch(blob.digest, entry);
+        return serveFile(req, res, blob, { size: entry.size, mediaType: entry.mediaType, handle: opened?.handle, cache: 'HIT' });
+      }
+      // Evicted between the lookup and the open: a miss after all.
+    }
+
+    if (head) {
+      // HEAD stays HEAD upstream and never downloads a body.
+      const result = await forward(req, res, { dispatcher, origin: blob.upstream.origin, hostHeader: blob.hostHeader }, { 'X-Cache': 'MISS' });
+      return { ...result, cache: 'MISS' };
+    }
+
+    let fill = deps.fills.get(blob.digest);
+    let cache: CacheStatus = 'JOINED';
+    if (fill) {
+      const refused = await refuseUnlessReadable(fill.access, req, res, dispatcher, blob);
+      if (refused) return refused;
+      fill.joined++;
+    } else {
+      if (!(await deps.store.makeRoom(0, deps.limits).catch(() => false))) {
+        deps.log.warn('the cache has no room (cache.minFree); serving from upstream without caching', { digest: blob.digest });
+        return fromUpstream(req, res, dispatcher, blob, 'BYPASS');
+      }
+      fill = deps.fills.start({
+        digest: blob.digest,
+        upstream: blob.upstream,
+        path: `/v2/${blob.name}/blobs/${blob.digest}`,
+        headers: fillHeaders(req),
+        access: req.headers.authorization ? 'client' : 'anonymous',
+        registry: blob.upstream.key,
+        repository: blob.name,
+      });
+      cache = 'MISS';
+    }
+    return joinFill(req, res, dispatcher, blob, fill, cache);
+  };
+}
+
+async function joinFill(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, fill: Fill, cache: CacheStatus): Promise<BlobResult> {
+  await fill.responseReady();
+  const outcome = fill.outcome;
+  if (!fill.responded) {
+    if (outcome?.kind === 'upstream-status') {
+      // Upstream's own answer (401 with its challenge, 404, 429…), as it came.
+      const body = Buffer.from(outcome.body, 'latin1');
+      res.writeHead(outcome.status, { ...responseHeadersForClient(outcome.headers), 'Content-Length': body.length, 'X-Cache': cache });
+      res.end(body);
+      return { status: outcome.status, bytes: body.length, cache, upstreamStatus: outcome.status };
+    }
+    if (outcome?.kind === 'failed' && outcome.writeError) return fromUpstream(req, res, dispatcher, blob, 'BYPASS');
+    const reason = outcome?.kind === 'failed' ? outcome.reason : 'the fill ended without an answer';
+    sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${reason}`);
+    return { status: 502, bytes: 0, cache, error: reason };
+  }
+  const handle = await openGrowingFile(fill);
+  if (!handle) {
+    const failed = fill.outcome?.kind === 'failed' && !fill.outcome.writeError ? fill.outcome.reason : undefined;
+    if (!failed) return fromUpstream(req, res, dispatcher, blob, 'BYPASS');
+    sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${failed}`);
+    return { status: 502, bytes: 0, cache, error: failed };
+  }
+  return serveFile(req, res, blob, { size: fill.size, mediaType: fill.mediaType, handle, cache, fill, dispatcher });
+}
+
+interface FileSource {
+  size: number | undefined;
+  mediaType: string | undefined;
+  handle: FileHandle | undefined;
+  cache: CacheStatus;
+  fill?: Fill;
+  dispatcher?: Dispatcher;
+}
+
+/** Status line and headers, then the bytes (none for HEAD), for a cached or growing blob. */
+async function serveFile(req: IncomingMessage, res: ServerResponse, blob: BlobRequest, source: FileSource): Promise<BlobResult> {
+  const { size, handle, cache } = source;
+  try {
+    const headers: Record<string, string | number> = {
+      'Content-Type': source.mediaType ?? 'application/octet-stream',
+      'Docker-Content-Digest': blob.digest,
+      'Docker-Distribution-API-Version': 'registry/2.0',
+      ETag: `"${blob.digest}"`,
+      'Accept-Ranges': 'bytes',
+      'X-Cache': cache,
+    };
+    const range = size === undefined ? { kind: 'full' as const } : parseRange(req.headers.range, size);
+    if (range.kind === 'unsatisfiable') {
+      res.writeHead(416, { ...headers, 'Content-Range': `bytes */${size}`, 'Content-Length': 0 });
+      res.end();
+      return { status: 416, bytes: 0, cache };
+    }
+    const start = range.kind === 'partial' ? range.start : 0;
+    const end = range.kind === 'partial' ? range.end : size;
+    if (end !== undefined) headers['Content-Length'] = end - start;
+    if (range.kind === 'partial') headers['Content-Range'] = `bytes ${start}-${end! - 1}/${size}`;
+    const status = range.kind === 'partial' ? 206 : 200;
+    res.writeHead(status, headers);
+    if (req.method === 'HEAD' || !handle) {
+      res.end();
+      return { status, bytes: 0, cache };
+    }
+    const pumped = await pumpFile(res, handle, start, end, source.fill);
+    return finishPump(req, res, blob, source, status, end, pumped);
+  } finally {
+    await handle?.close().catch(() => {});
+  }
+}
+
+async function finishPump(req: IncomingMessage, res: ServerResponse, blob: BlobRequest, source: FileSource, status: number, end: number | undefined, pumped: PumpResult): Promise<BlobResult> {
+  const result = { status, bytes: pumped.bytes, cache: source.cache };
+  switch (pumped.kind) {
+    case 'complete':
+      res.end();
+      return result;
+    case 'gone':
+      return { ...result, error: 'the client left' };
+    case 'cut':
+      // No clean end: the client must not take these bytes for the blob.
+      res.destroy();
+      return { ...result, error: pumped.reason };
+    case 'continue-upstream': {
+      const more = await continueFromUpstream(req, res, source.dispatcher!, blob, pumped.position, end);
+      return { ...result, bytes: pumped.bytes + more.bytes, cache: 'BYPASS', ...(more.error ? { error: more.error } : {}) };
+    }
+  }
+}
+
+/** The rest of a blob straight from upstream, after the response has started (the cache could not write). */
+async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, position: number, end: number | undefined): Promise<{ bytes: number; error?: string }> {
+  try {
+    const range = `bytes=${position}-${end === undefined ? '' : end - 1}`;
+    const { response } = await requestFollowingRedirects(dispatcher, new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin), { method: 'GET', headers: { ...fillHeaders(req), range } });
+    if (!(await positionAt(response.statusCode, response.headers, response.body, position))) {
+      response.body.destroy();
+      res.destroy();
+      return { bytes: 0, error: `upstream could not continue at byte ${position} (${response.statusCode})` };
+    }
+    let bytes = 0;
+    const limit = end === undefined ? Number.POSITIVE_INFINITY : end - position;
+    for await (const chunk of response.body as AsyncIterable<Buffer>) {
+      const piece = chunk.length > limit - bytes ? chunk.subarray(0, limit - bytes) : chunk;
+      bytes += piece.length;
+      if (!res.write(piece)) await new Promise((resolve) => res.once('drain', resolve));
+      if (bytes >= limit) break;
+    }
+    res.end();
+    return { bytes };
+  } catch (err) {
+    res.destroy();
+    return { bytes: 0, error: describeUpstreamError(err as Error) };
+  }
+}
+
+/** The whole answer from upstream, following redirects, without the cache (no room, or no file). */
+async function fromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, cache: CacheStatus): Promise<BlobResult> {
+  try {
+    const headers = { ...fillHeaders(req), ...(req.headers.range ? { range: req.headers.range } : {}) };
+    const { response } = await requestFollowingRedirects(dispatcher, new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin), { method: 'GET', headers });
+    res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), 'X-Cache': cache });
+    let bytes = 0;
+    for await (const chunk of response.body as AsyncIterable<Buffer>) {
+      bytes += chunk.length;
+      if (!res.write(chunk)) await new Promise((resolve) => res.once('drain', resolve));
+    }
+    res.end();
+    return { status: response.statusCode, bytes, cache, upstreamStatus: response.statusCode };
+  } catch (err) {
+    const message = describeUpstreamError(err as Error);
+    sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${message}`);
+    return { status: 502, bytes: 0, cache, error: message };
+  }
+}
+
+/** Cached content that upstream gave only to a client's credentials needs this client's proof. */
+async function refuseUnlessReadable(access: Parameters<typeof checkReadAccess>[0], req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest): Promise<BlobResult | undefined> {
+  let verdict;
+  try {
+    verdict = await checkReadAccess(access, req, dispatcher, blob.upstream.origin, blob.hostHeader);
+  } catch (err) {
+    const message = `cannot verify read access with ${blob.upstream.origin}: ${describeUpstreamError(err as Error)}`;
+    sendRegistryError(res, 503, 'UNAVAILABLE', message);
+    return { status: 503, bytes: 0, cache: 'HIT', error: message };
+  }
+  if (verdict.allowed) return undefined;
+  const body = JSON.stringify({ errors: [{ code: verdict.status === 401 ? 'UNAUTHORIZED' : 'DENIED', message: 'access to the requested resource is not authorized' }] }) + '\n';
+  res.writeHead(verdict.status, { 'Content-Type': 'application/json', ...verdict.headers, 'Content-Length': Buffer.byteLength(body) });
+  res.end(req.method === 'HEAD' ? undefined : body);
+  return { status: verdict.status, bytes: 0, cache: 'HIT', upstreamStatus: verdict.status };
+}
+
+/** What a fill sends upstream on behalf of its first client. */
+function fillHeaders(req: IncomingMessage): Record<string, string> {
+  const headers: Record<string, string> = {};
+  if (req.headers.authorization) headers.authorization = req.headers.authorization;
+  if (req.headers['user-agent']) headers['user-agent'] = req.headers['user-agent'];
+  return headers;
+}
+
+/** The growing file, or the committed blob when the fill finished in between; undefined if neither. */
+async function openGrowingFile(fill: Fill): Promise<FileHandle | undefined> {
+  for (const file of [fill.partPath, fill.blobPath]) {
+    try {
+      return await open(file, 'r');
+    } catch {
+      // renamed meanwhile, or gone with a failure
+    }
+  }
+  return undefined;
+}

@@ -1,0 +1,56 @@
+// Requests that follow redirects the way registries need: blobs live behind 301/302/303/307/308
+// chains to CDNs (Docker Hub → Cloudflare, ghcr → pkg-containers, registry.k8s.io → GAR → a relative
+// path). Up to 5 hops; relative Locations resolve against the URL that sent them; Authorization is
+// dropped as soon as a hop leaves the registry's host and never comes back.
+import type { Dispatcher } from 'undici';
+
+const REDIRECTS = new Set([301, 302, 303, 307, 308]);
+export const MAX_REDIRECTS = 5;
+
+export interface FollowedResponse {
+  response: Dispatcher.ResponseData;
+  /** The URL that answered last (for logs: without its query string). */
+  url: URL;
+  hops: number;
+}
+
+export class TooManyRedirectsError extends Error {
+  override name = 'TooManyRedirectsError';
+}
+
+export async function requestFollowingRedirects(
+  dispatcher: Dispatcher,
+  start: URL,
+  options: { method: 'GET' | 'HEAD'; headers: Record<string, string>; signal?: AbortSignal },
+): Promise<FollowedResponse> {
+  let url = start;
+  let headers = { ...options.headers };
+  for (let hops = 0; ; hops++) {
+    const response = await dispatcher.request({
+      origin: url.origin,
+      path: `${url.pathname}${url.search}`,
+      method: options.method,
+      headers: { ...headers, host: url.host },
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+    const location = response.headers.location;
+    if (!REDIRECTS.has(response.statusCode) || typeof location !== 'string') return { response, url, hops };
+    await response.body.dump();
+    if (hops >= MAX_REDIRECTS) throw new TooManyRedirectsError(`more than ${MAX_REDIRECTS} redirects from ${start.host}`);
+    const next = new URL(location, url);
+    if (next.protocol !== 'https:' && next.protocol !== 'http:') throw new TooManyRedirectsError(`redirect to unsupported ${next.protocol}`);
+    // Credentials belong to the registry: a CDN (or anything else) never sees them.
+    if (next.host !== start.host) headers = withoutAuthorization(headers);
+    url = next;
+  }
+}
+
+function withoutAuthorization(headers: Record<string, string>): Record<string, string> {
+  const { authorization: _dropped, ...rest } = headers;
+  return rest;
+}
+
+/** A URL for logs and keys: the signed query string of a CDN URL is never part of either. */
+export function urlForLog(url: URL): string {
+  return `${url.origin}${url.pathname}`;
+}

@@ -1,0 +1,203 @@
+// One task = one blob: upstream (following redirects) → .part file in ≥ 1 MiB writes while hashing →
+// verify the digest → rename into the store. Progress goes to the primary over the task's MessagePort,
+// where every client of the blob reads the growing file up to the published offset.
+//
+// The fill belongs to the cache, not to a client: nothing here knows about clients.
+import { createHash, type Hash } from 'node:crypto';
+import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import type { Dispatcher } from 'undici';
+import { UpstreamAgents, type UpstreamConfig } from '../src/upstream/agents.ts';
+import { positionAt, readable } from '../src/upstream/body.ts';
+import { requestFollowingRedirects, urlForLog } from '../src/upstream/redirects.ts';
+import type { FillMessage, FillOutcome, FillTask } from '../src/cache/fill-protocol.ts';
+
+/** Writes of at least this size (64 KiB writes doubled the CPU per GiB). */
+const WRITE_BATCH = 1024 * 1024;
+/** A batch smaller than WRITE_BATCH is written once no new chunk came for this long (first byte latency). */
+const FLUSH_AFTER_MS = 2;
+/** Upstream cuts survived per fill, each resumed with Range from the last written byte. */
+const MAX_RESUMES = 5;
+/** An upstream error body kept for the client (a registry's JSON error). */
+const MAX_ERROR_BODY = 64 * 1024;
+
+const agents = new UpstreamAgents();
+
+export default async function fill(task: FillTask): Promise<void> {
+  const port = task.port;
+  const send = (message: FillMessage) => port.postMessage(message);
+  let outcome: FillOutcome;
+  try {
+    outcome = await runFill(task, send);
+  } catch (err) {
+    outcome = { kind: 'failed', reason: (err as Error).message, offset: 0 };
+  }
+  // The outcome travels on the same port as the progress, so it can never overtake it.
+  send({ type: 'end', outcome });
+}
+
+async function runFill(task: FillTask, send: (m: FillMessage) => void): Promise<FillOutcome> {
+  const dispatcher = agents.for(task.upstream);
+  const algorithm = task.digest.startsWith('sha512:') ? 'sha512' : 'sha256';
+  const expectedHex = task.digest.slice(task.digest.indexOf(':') + 1);
+  const hash = createHash(algorithm);
+  await mkdir(path.dirname(task.partPath), { recursive: true });
+  let file: FileHandle | undefined;
+  const writer = new BatchWriter(hash, (bytes) => send({ type: 'progress', bytes }));
+  let size: number | undefined;
+  try {
+    for (let attempt = 0; ; attempt++) {
+      const offset = writer.written;
+      const headers: Record<string, string> = { ...task.headers, ...(offset > 0 ? { range: `bytes=${offset}-` } : {}) };
+      let followed;
+      try {
+        followed = await requestFollowingRedirects(dispatcher, new URL(task.path, task.upstream.origin), { method: 'GET', headers });
+      } catch (err) {
+        if (attempt < MAX_RESUMES && offset > 0) continue; // a cut before the resumed response: try again
+        return { kind: 'failed', reason: `upstream unreachable: ${describe(err)}`, offset };
+      }
+      const { response, url, hops } = followed;
+      if (offset === 0) {
+        if (response.statusCode !== 200) return upstreamStatus(response);
+        size = contentLength(response.headers);
+        // The file exists before anyone is told, so every reader can open it.
+        try {
+          file = await open(task.partPath, 'w', 0o644);
+        } catch (err) {
+          response.body.destroy();
+          return { kind: 'failed', reason: `cannot create the cache file: ${describe(err)}`, offset: 0, writeError: true };
+        }
+        writer.file = file;
+        send({ type: 'response', size, mediaType: headerValue(response.headers['content-type']), hops, from: urlForLog(url) });
+      } else if (!(await positionAt(response.statusCode, response.headers, response.body, offset))) {
+        response.body.destroy();
+        if (attempt < MAX_RESUMES) continue;
+        return { kind: 'failed', reason: `upstream could not resume at byte ${offset}`, offset };
+      }
+      try {
+        await writer.consume(response.body, size);
+        if (!response.body.readableEnded) response.body.destroy(); // more than announced: ignored
+        if (size === undefined || writer.written >= size) break;
+        throw new Error(`upstream ended at byte ${writer.written} of ${size}`);
+      } catch (err) {
+        if (err instanceof WriteError) return { kind: 'failed', reason: err.message, offset: writer.written, writeError: true };
+        if (size !== undefined && writer.written >= size) break;
+        if (attempt >= MAX_RESUMES) return { kind: 'failed', reason: `upstream broke off at byte ${writer.written} ${MAX_RESUMES + 1} times: ${describe(err)}`, offset: writer.written };
+      }
+    }
+    if (size !== undefined && writer.written !== size) {
+      return { kind: 'failed', reason: `upstream sent ${writer.written} of ${size} bytes`, offset: writer.written };
+    }
+    const actual = hash.digest('hex');
+    if (actual !== expectedHex) {
+      return { kind: 'failed', reason: `digest mismatch: upstream sent ${algorithm}:${actual} for ${task.digest}`, offset: writer.written, mismatch: true };
+    }
+    send({ type: 'verified', size: writer.written });
+    try {
+      await file!.datasync();
+      await file!.close();
+      file = undefined;
+      await mkdir(path.dirname(task.blobPath), { recursive: true });
+      await rename(task.partPath, task.blobPath);
+    } catch (err) {
+      return { kind: 'failed', reason: `cannot store the verified blob: ${describe(err)}`, offset: writer.written, writeError: true, verified: true };
+    }
+    return { kind: 'committed', size: writer.written };
+  } finally {
+    await file?.close().catch(() => {});
+    // Whatever did not become a blob goes: never a partial file where a blob could be looked for.
+    await rm(task.partPath, { force: true }).catch(() => {});
+  }
+}
+
+class WriteError extends Error {}
+
+/** Collects upstream chunks into ≥ 1 MiB writes, hashing each byte once, and publishes each write. */
+class BatchWriter {
+  file: FileHandle | undefined;
+  written = 0;
+  private readonly hash: Hash;
+  private readonly published: (bytes: number) => void;
+
+  constructor(hash: Hash, published: (bytes: number) => void) {
+    this.hash = hash;
+    this.published = published;
+  }
+
+  async consume(body: Readable, size: number | undefined): Promise<void> {
+    let pending: Buffer[] = [];
+    let pendingBytes = 0;
+    const flush = async () => {
+      if (pendingBytes === 0) return;
+      const batch = pending.length === 1 ? pending[0]! : Buffer.concat(pending, pendingBytes);
+      pending = [];
+      pendingBytes = 0;
+      await this.write(batch);
+    };
+    try {
+      for (;;) {
+        const chunk = body.read() as Buffer | null;
+        if (chunk !== null) {
+          const room = size === undefined ? chunk.length : size - this.written - pendingBytes;
+          if (room <= 0) break; // more than Content-Length: never write past the announced size
+          const piece = room < chunk.length ? chunk.subarray(0, room) : chunk;
+          this.hash.update(piece);
+          pending.push(piece);
+          pendingBytes += piece.length;
+          if (pendingBytes >= WRITE_BATCH) await flush();
+          continue;
+        }
+        if (body.readableEnded) break;
+        // Big batches while data streams; a small one as soon as the stream pauses (first bytes fast).
+        if (pendingBytes > 0 && !(await readable(body, FLUSH_AFTER_MS))) await flush();
+        else if (pendingBytes === 0) await readable(body);
+      }
+    } finally {
+      await flush();
+    }
+  }
+
+  private async write(batch: Buffer): Promise<void> {
+    try {
+      let done = 0;
+      while (done < batch.length) {
+        const { bytesWritten } = await this.file!.write(batch, done, batch.length - done, this.written + done);
+        done += bytesWritten;
+      }
+    } catch (err) {
+      throw new WriteError(`cannot write the cache file: ${describe(err)}`);
+    }
+    this.written += batch.length;
+    this.published(this.written);
+  }
+}
+
+async function upstreamStatus(response: Dispatcher.ResponseData): Promise<FillOutcome> {
+  const chunks: Buffer[] = [];
+  let kept = 0;
+  for await (const chunk of response.body as AsyncIterable<Buffer>) {
+    if (kept < MAX_ERROR_BODY) chunks.push(chunk.subarray(0, MAX_ERROR_BODY - kept));
+    kept += chunk.length;
+  }
+  const headers: Record<string, string> = {};
+  for (const [name, value] of Object.entries(response.headers)) {
+    if (value !== undefined && !['connection', 'keep-alive', 'transfer-encoding', 'content-length'].includes(name)) headers[name] = Array.isArray(value) ? value.join(', ') : value;
+  }
+  return { kind: 'upstream-status', status: response.statusCode, headers, body: Buffer.concat(chunks).toString('latin1') };
+}
+
+function contentLength(headers: Dispatcher.ResponseData['headers']): number | undefined {
+  const value = headerValue(headers['content-length']);
+  return value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined;
+}
+
+function headerValue(value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value[0] : value;
+}
+
+function describe(err: unknown): string {
+  const e = err as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException };
+  return e.cause?.code ?? e.code ?? e.message;
+}
+
