@@ -103,9 +103,10 @@ export class BlobStore {
   }
 
   /** Records a blob the fill has renamed into place. */
-  record(digest: string, entry: BlobEntry): void {
+  /** Resolves once the entry is committed: LMDB's reads see an asynchronous put only after that. */
+  async record(digest: string, entry: BlobEntry): Promise<void> {
     if (!this.db.get(digest)) this.totalBytes += entry.size;
-    void this.db.put(digest, entry);
+    await this.db.put(digest, entry);
   }
 
   touch(digest: string, entry: BlobEntry): void {

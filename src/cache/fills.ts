@@ -129,11 +129,15 @@ export class Fills {
   }
 
   private finish(request: FillRequest, fill: Fill, outcome: FillOutcome): void {
-    if (this.inflight.get(request.digest) === fill) this.inflight.delete(request.digest);
+    const settled = () => {
+      if (this.inflight.get(request.digest) === fill) this.inflight.delete(request.digest);
+    };
     const where = { digest: request.digest, registry: request.registry, repository: request.repository };
     if (outcome.kind === 'committed') {
       const now = Date.now();
-      this.store.record(request.digest, {
+      // The fill stays joinable (its clients open the committed file) until the index can answer for
+      // it; leaving the in-flight map earlier let a client in between start a second fill.
+      void this.store.record(request.digest, {
         size: outcome.size,
         ...(fill.mediaType ? { mediaType: fill.mediaType } : {}),
         firstAccess: now,
@@ -142,9 +146,15 @@ export class Fills {
         registry: request.registry,
         repository: request.repository,
         access: request.access,
+      }).then(settled, (err: Error) => {
+        settled();
+        this.log.error('cannot record a verified blob in the index', { ...where, error: err.message });
       });
       void this.store.makeRoom(0, this.limits, new Set([request.digest, ...this.inflight.keys()])).catch(() => {});
-    } else if (outcome.kind === 'failed') {
+      return;
+    }
+    settled();
+    if (outcome.kind === 'failed') {
       if (outcome.writeError) this.log.warn('the cache cannot write; serving from upstream without caching', { ...where, error: outcome.reason });
       else this.log.warn(outcome.mismatch ? 'upstream sent bytes that do not match the digest: not cached, clients cut' : 'a blob fill failed', { ...where, error: outcome.reason });
     }

@@ -66,17 +66,18 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
       return { ...result, cache: 'MISS' };
     }
 
+    if (!deps.fills.get(blob.digest) && !(await deps.store.makeRoom(0, deps.limits).catch(() => false))) {
+      deps.log.warn('the cache has no room (cache.minFree); serving from upstream without caching', { digest: blob.digest });
+      return fromUpstream(req, res, dispatcher, blob, 'BYPASS');
+    }
+    // Looked up only now, after the last await: clients arriving together must all find the same fill.
     let fill = deps.fills.get(blob.digest);
     let cache: CacheStatus = 'JOINED';
     if (fill) {
+      fill.joined++;
       const refused = await refuseUnlessReadable(fill.access, req, res, dispatcher, blob);
       if (refused) return refused;
-      fill.joined++;
     } else {
-      if (!(await deps.store.makeRoom(0, deps.limits).catch(() => false))) {
-        deps.log.warn('the cache has no room (cache.minFree); serving from upstream without caching', { digest: blob.digest });
-        return fromUpstream(req, res, dispatcher, blob, 'BYPASS');
-      }
       fill = deps.fills.start({
         digest: blob.digest,
         upstream: blob.upstream,
