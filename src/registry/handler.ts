@@ -6,7 +6,9 @@ import type { Policy, RegistryPolicy } from '../../config/policy.ts';
 import { pathForLog, type Logger } from '../log.ts';
 import { upstreamConfig, type UpstreamAgents, type UpstreamConfig } from '../upstream/agents.ts';
 import { forward } from '../upstream/forward.ts';
+import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { BlobHandler } from './blobs.ts';
+import type { ManifestHandler } from './manifests.ts';
 import { sendRegistryError } from './errors.ts';
 import { isRouteError, routeRequest } from './route.ts';
 
@@ -22,8 +24,13 @@ export interface RegistryHandlerDeps {
   policy: Policy;
   upstreams: UpstreamAgents;
   blobs: BlobHandler;
+  manifests: ManifestHandler;
+  manifestStore: ManifestStore;
   log: Logger;
 }
+
+/** Methods that change a registry: denied unless the registry's policy says push: bypass. */
+const WRITES = new Set(['POST', 'PUT', 'PATCH', 'DELETE']);
 
 export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandler {
   const configs = new Map<string, UpstreamConfig>();
@@ -44,12 +51,31 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     }
     const upstream = configFor(registry);
     const hostHeader = hostHeaderFor(registry);
-    if (route.kind === 'blob' && (req.method === 'GET' || req.method === 'HEAD')) {
+    const reading = req.method === 'GET' || req.method === 'HEAD';
+    if (route.kind === 'blob' && reading) {
       const result = await deps.blobs(req, res, { digest: route.digest, name: route.name, upstream, hostHeader });
       deps.log.access({ ...access, ...result, type: 'blob', ms: elapsed(started) });
       return;
     }
+    if (route.kind === 'manifest' && reading) {
+      const result = await deps.manifests(req, res, { registry, upstream, hostHeader, name: route.name, reference: route.reference, byDigest: route.byDigest });
+      deps.log.access({ ...access, ...result, type: 'manifest', ms: elapsed(started) });
+      return;
+    }
+    if (WRITES.has(req.method ?? '') && registry.push === 'deny') {
+      const message = `pushing through the proxy is disabled for ${registry.key} (push: deny in proxy.yaml; push: bypass or ALLOW_PUSH=true allows it)`;
+      // The client may be mid-upload: read nothing more of it.
+      res.setHeader('Connection', 'close');
+      sendRegistryError(res, 405, 'UNSUPPORTED', message);
+      deps.log.access({ ...access, status: 405, bytes: 0, cache: 'BYPASS', type: route.kind, ms: elapsed(started), error: 'push denied' });
+      return;
+    }
+    // Everything else streams through untouched, uploads included (unbuffered, unlimited).
     const result = await forward(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader }, { 'X-Cache': 'BYPASS' });
+    if (route.kind === 'manifest' && req.method === 'PUT' && result.status >= 200 && result.status < 300 && !route.byDigest) {
+      // The next pull of this tag must see what was just pushed.
+      await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
+    }
     deps.log.access({ ...access, ...result, cache: 'BYPASS', type: route.kind, ms: elapsed(started) });
   };
 }

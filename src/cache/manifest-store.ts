@@ -1,0 +1,75 @@
+// The manifest cache, in LMDB. Bodies are kept by digest, exactly as received (bytes, type), per
+// registry and repository; tags point at a digest per normalised Accept set, with the time upstream
+// last confirmed them. A digest never expires; a tag is fresh for its TTL tier and then revalidated.
+import type { Database, RootDatabase } from 'lmdb';
+import type { Access } from './blob-store.ts';
+
+export interface StoredManifest {
+  body: Buffer;
+  mediaType: string;
+  digest: string;
+  storedAt: number;
+  access: Access;
+}
+
+export interface TagEntry {
+  digest: string;
+  mediaType: string;
+  size: number;
+  /** When upstream last confirmed that the tag points at this digest (GET or HEAD). */
+  validatedAt: number;
+  access: Access;
+}
+
+export class ManifestStore {
+  private readonly bodies: Database<StoredManifest, string>;
+  private readonly tags: Database<TagEntry, string>;
+
+  constructor(index: RootDatabase) {
+    this.bodies = index.openDB<StoredManifest, string>({ name: 'manifests', encoding: 'msgpack' });
+    this.tags = index.openDB<TagEntry, string>({ name: 'tags', encoding: 'msgpack' });
+  }
+
+  body(registry: string, repository: string, digest: string): StoredManifest | undefined {
+    return this.bodies.get(`${registry}/${repository}@${digest}`);
+  }
+
+  tag(registry: string, repository: string, tag: string, accept: string): TagEntry | undefined {
+    return this.tags.get(tagKey(registry, repository, tag, accept));
+  }
+
+  async putBody(registry: string, repository: string, manifest: StoredManifest): Promise<void> {
+    await this.bodies.put(`${registry}/${repository}@${manifest.digest}`, manifest);
+  }
+
+  async putTag(registry: string, repository: string, tag: string, accept: string, entry: TagEntry): Promise<void> {
+    await this.tags.put(tagKey(registry, repository, tag, accept), entry);
+  }
+
+  /** Every Accept variant of a tag: after a push, the next pull must ask upstream. */
+  async forgetTag(registry: string, repository: string, tag: string): Promise<void> {
+    const prefix = `${registry}/${repository}:${tag}|`;
+    for (const key of this.tags.getKeys({ start: prefix })) {
+      if (!key.startsWith(prefix)) break;
+      await this.tags.remove(key);
+    }
+  }
+}
+
+function tagKey(registry: string, repository: string, tag: string, accept: string): string {
+  return `${registry}/${repository}:${tag}|${accept}`;
+}
+
+/**
+ * The Accept header as a set: media types without parameters, lower-cased, sorted, deduplicated, so
+ * that clients listing the same types in another order share an entry while a client that accepts
+ * other types (and may get another body from the registry) does not.
+ */
+export function normaliseAccept(header: string | string[] | undefined): string {
+  const values = Array.isArray(header) ? header.join(',') : (header ?? '');
+  const types = values
+    .split(',')
+    .map((part) => part.split(';')[0]!.trim().toLowerCase())
+    .filter(Boolean);
+  return [...new Set(types)].sort().join(',');
+}
