@@ -8,6 +8,8 @@ export interface CacheIndex {
   root: RootDatabase;
   /** Minted leaf certificates, keyed by "<CA fingerprint>/<host>", so a new CA never reuses old ones. */
   leafCertificates: LeafStore;
+  /** Removes the leaves minted by any other CA; returns how many. */
+  dropLeavesExcept(fingerprint: string): Promise<number>;
   close(): Promise<void>;
 }
 
@@ -19,6 +21,15 @@ export function openIndex(dataDir: string): CacheIndex {
     leafCertificates: {
       get: (key) => certs.get(key),
       put: (key, pem) => void certs.put(key, pem),
+    },
+    async dropLeavesExcept(fingerprint) {
+      let dropped = 0;
+      for (const key of certs.getKeys()) {
+        if (key.startsWith(`${fingerprint}/`)) continue;
+        await certs.remove(key);
+        dropped++;
+      }
+      return dropped;
     },
     close: () => root.close(),
   };

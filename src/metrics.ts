@@ -1,0 +1,65 @@
+// Prometheus metrics (prom-client). Every request already becomes one access-log entry that names its
+// registry, type, cache status, bytes and upstream status, so the counters are fed from those entries
+// in one place; gauges read the live state (fills, cache, rate limits, certificates) at scrape time.
+// Fills run in worker threads but report to the primary, so one scrape shows the whole process.
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import type { AccessEntry } from './log.ts';
+
+export interface LiveState {
+  fillsInFlight(): number;
+  cacheBytes(): number;
+  cacheEntries(): number;
+  rateLimits(): Iterable<[string, { limit?: number; remaining?: number }]>;
+  caNotAfter(): Date;
+}
+
+export interface Metrics {
+  registry: Registry;
+  observe(entry: AccessEntry): void;
+  evicted(blobs: number, bytes: number): void;
+}
+
+/** Cache statuses whose bytes did not cost an upstream transfer. */
+const SAVED = new Set(['HIT', 'JOINED', 'STALE', 'REVALIDATED']);
+
+export function createMetrics(live: LiveState): Metrics {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'pullthrough_process_' });
+  const labels = ['registry', 'type', 'cache'] as const;
+  const requests = new Counter({ name: 'pullthrough_requests_total', help: 'Client requests by registry, request type, cache status and status class', labelNames: [...labels, 'status'], registers: [registry] });
+  const bytes = new Counter({ name: 'pullthrough_response_bytes_total', help: 'Body bytes sent to clients', labelNames: labels, registers: [registry] });
+  const saved = new Counter({ name: 'pullthrough_bytes_saved_total', help: 'Body bytes sent to clients without an upstream transfer of their own (HIT, JOINED, STALE, REVALIDATED)', labelNames: ['registry'], registers: [registry] });
+  const upstream = new Counter({ name: 'pullthrough_upstream_responses_total', help: 'Upstream responses by registry and status (429 is Docker Hub throttling)', labelNames: ['registry', 'status'], registers: [registry] });
+  const evictions = new Counter({ name: 'pullthrough_cache_evictions_total', help: 'Blobs evicted (least recently used first)', registers: [registry] });
+  const evictedBytes = new Counter({ name: 'pullthrough_cache_evicted_bytes_total', help: 'Bytes of evicted blobs', registers: [registry] });
+  new Gauge({ name: 'pullthrough_fills_in_flight', help: 'Blob fills running in the worker pool', registers: [registry], collect() { this.set(live.fillsInFlight()); } });
+  new Gauge({ name: 'pullthrough_cache_bytes', help: 'Bytes of verified blobs in the cache', registers: [registry], collect() { this.set(live.cacheBytes()); } });
+  new Gauge({ name: 'pullthrough_cache_blobs', help: 'Verified blobs in the cache', registers: [registry], collect() { this.set(live.cacheEntries()); } });
+  new Gauge({
+    name: 'pullthrough_ratelimit_remaining',
+    help: 'The last ratelimit-remaining an upstream reported',
+    labelNames: ['registry'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [name, limit] of live.rateLimits()) if (limit.remaining !== undefined) this.set({ registry: name }, limit.remaining);
+    },
+  });
+  new Gauge({ name: 'pullthrough_ca_expiry_timestamp_seconds', help: 'When the proxy CA expires (Unix time)', registers: [registry], collect() { this.set(Math.floor(live.caNotAfter().getTime() / 1000)); } });
+
+  return {
+    registry,
+    observe(entry) {
+      if (entry.method === 'CONNECT' || entry.type === 'admin') return;
+      const base = { registry: entry.host, type: entry.type ?? 'other', cache: entry.cache ?? 'BYPASS' };
+      requests.inc({ ...base, status: `${Math.floor(entry.status / 100)}xx` });
+      bytes.inc(base, entry.bytes);
+      if (SAVED.has(base.cache)) saved.inc({ registry: entry.host }, entry.bytes);
+      if (entry.upstreamStatus !== undefined) upstream.inc({ registry: entry.host, status: String(entry.upstreamStatus) });
+    },
+    evicted(blobs, size) {
+      evictions.inc(blobs);
+      evictedBytes.inc(size);
+    },
+  };
+}
