@@ -1,0 +1,33 @@
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readdirSync, statSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { CertificateAuthority } from '../../src/ca.ts';
+import { openIndex } from '../../src/cache/index.ts';
+import { describeCa, rotateCa } from '../../src/commands/ca.ts';
+
+test('ca prints the CA; ca rotate makes a new one, keeps the old pair and drops its leaves', async () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-ca-cmd-'));
+  assert.match(describeCa(dir), /no CA yet/);
+  let index = openIndex(dir);
+  const { ca: old } = CertificateAuthority.loadOrCreate(dir, index.leafCertificates);
+  old.secureContextFor('registry.test');
+  await index.root.committed;
+  await index.close();
+  assert.match(describeCa(dir), new RegExp(`fingerprint: SHA256 ${old.fingerprint}[\\s\\S]*BEGIN CERTIFICATE`));
+
+  const report = await rotateCa(dir);
+  assert.match(report, /1 leaf certificates dropped/);
+  const kept = readdirSync(dir).filter((f) => f.startsWith('ca.key.old-'));
+  assert.equal(kept.length, 1);
+  assert.equal(statSync(path.join(dir, kept[0]!)).mode & 0o777, 0o600, 'the old key stays private');
+  assert.equal(statSync(path.join(dir, 'ca.key')).mode & 0o777, 0o600);
+  index = openIndex(dir);
+  const { ca: fresh, created } = CertificateAuthority.loadOrCreate(dir, index.leafCertificates);
+  assert.equal(created, false, 'rotate already created it');
+  assert.notEqual(fresh.fingerprint, old.fingerprint);
+  assert.equal(index.leafCertificates.get(`${old.fingerprint}/registry.test`), undefined);
+  await index.close();
+  assert.ok(existsSync(path.join(dir, 'ca.crt')));
+});
