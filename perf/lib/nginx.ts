@@ -1,8 +1,9 @@
 // nginx serving a directory over TLS on loopback: the origin the proxy forwards to, and the reference
 // the proxy's figures are compared with (the same files, served the way a well-tuned server does).
-// One worker process, HTTP/1.1, sendfile on, no access log; everything it writes stays in its dir.
+// One worker process, HTTP/1.1, sendfile on, no access log unless asked for (to count the requests
+// that reach the origin); everything it writes stays in its dir.
 import { spawnSync } from 'node:child_process';
-import { closeSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { addCleanup, isRunning, spawnTracked, stopChild } from './cleanup.ts';
 import { acceptsConnections, freePort, waitFor } from './net.ts';
@@ -20,6 +21,56 @@ export interface NginxOptions {
   /** PEM certificate chain and key of the server. */
   certPem: string;
   keyPem: string;
+  /** Log every request to <dir>/access.log (see AccessLog): to count what reaches the origin. */
+  accessLog?: boolean;
+}
+
+/** One request as nginx logged it (written when the response is finished). */
+export interface AccessLogEntry {
+  method: string;
+  /** As the client sent it, query included. */
+  uri: string;
+  status: number;
+  /** Body bytes sent. */
+  bytes: number;
+  seconds: number;
+}
+
+/** The access log: mark() before a run, entriesSince(mark) after it. */
+export class AccessLog {
+  readonly file: string;
+
+  constructor(file: string) {
+    this.file = file;
+  }
+
+  mark(): number {
+    try {
+      return statSync(this.file).size;
+    } catch {
+      return 0; // nothing logged yet
+    }
+  }
+
+  entriesSince(mark: number): AccessLogEntry[] {
+    const end = this.mark();
+    if (end <= mark) return [];
+    const buffer = Buffer.alloc(end - mark);
+    const fd = openSync(this.file, 'r');
+    try {
+      readSync(fd, buffer, 0, buffer.length, mark);
+    } finally {
+      closeSync(fd);
+    }
+    return buffer
+      .toString('utf8')
+      .split('\n')
+      .filter((line) => line.length > 0)
+      .map((line) => {
+        const [method = '', uri = '', status, bytes, seconds] = line.split(' ');
+        return { method, uri, status: Number(status), bytes: Number(bytes), seconds: Number(seconds) };
+      });
+  }
 }
 
 export interface NginxOrigin {
@@ -28,6 +79,8 @@ export interface NginxOrigin {
   version: string;
   masterPid: number;
   workerPids: number[];
+  /** With `accessLog: true`. */
+  accessLog?: AccessLog;
   /** Master and workers: what the benchmark sums the CPU of. */
   pids(): number[];
   stop(): Promise<void>;
@@ -80,6 +133,7 @@ async function startOnce(options: NginxOptions, port: number): Promise<NginxOrig
     version: nginxVersion(),
     masterPid,
     workerPids,
+    ...(options.accessLog ? { accessLog: new AccessLog(accessLogFile(dir)) } : {}),
     pids: () => [masterPid, ...workerPids],
     async stop() {
       // SIGTERM: fast shutdown; the master stops its workers and then exits.
@@ -102,7 +156,7 @@ pid ${q(join(dir, 'nginx.pid'))};
 error_log ${q(join(dir, 'error.log'))} warn;
 events { worker_connections 1024; }
 http {
-  access_log off;
+  ${options.accessLog ? `log_format bench '$request_method $request_uri $status $body_bytes_sent $request_time';\n  access_log ${q(accessLogFile(dir))} bench;` : 'access_log off;'}
   # Inert under TLS without kernel TLS (not enabled here): the worker reads the file in 32 KiB pieces
   # and writes 16 KiB TLS records (ssl_buffer_size). Kept so that a plain-HTTP origin would use it.
   sendfile on;
@@ -121,6 +175,10 @@ http {
   }
 }
 `;
+}
+
+function accessLogFile(dir: string): string {
+  return join(dir, 'access.log');
 }
 
 /** The master forks its worker right after binding; wait until it shows up in /proc. */

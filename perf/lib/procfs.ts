@@ -2,7 +2,7 @@
 // exited), read/write syscall counts and bytes (to tell small chunks from large ones), RSS. Reading
 // /proc costs microseconds and needs no cooperation from the process measured.
 import { execFileSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 
 /** Clock ticks per second of utime/stime; 100 on every Linux we know, asked once anyway. */
 const CLOCK_TICKS = ((): number => {
@@ -130,6 +130,43 @@ export function readStatusKiB(pid: number, field: 'VmRSS' | 'VmHWM'): number {
   return Number(match[1]);
 }
 
+/**
+ * The memory lines of /proc/<pid>/status, in KiB, and its thread count. VmRSS = RssAnon (heap, stacks,
+ * Buffers: what the process allocated) + RssFile (mapped files: the node binary, libraries, LMDB's map)
+ * + RssShmem.
+ */
+export interface MemoryStatus {
+  VmRSS: number;
+  VmHWM: number;
+  RssAnon: number;
+  RssFile: number;
+  RssShmem: number;
+  /** Virtual size: large for Node (V8 reserves address space); says nothing about memory used. */
+  VmSize: number;
+  Threads: number;
+}
+
+export function readMemoryStatus(pid: number): MemoryStatus {
+  const text = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+)`, 'm').exec(text)?.[1] ?? Number.NaN);
+  return {
+    VmRSS: field('VmRSS'),
+    VmHWM: field('VmHWM'),
+    RssAnon: field('RssAnon'),
+    RssFile: field('RssFile'),
+    RssShmem: field('RssShmem'),
+    VmSize: field('VmSize'),
+    Threads: field('Threads'),
+  };
+}
+
+/** Live threads by name (comm): e.g. { MainThread: 1, V8Worker: 4, 'libuv-worker': 4, WorkerThread: 2 }. */
+export function threadNames(pid: number): Record<string, number> {
+  const byName: Record<string, number> = {};
+  for (const { name } of readThreadCpu(pid).values()) byName[name] = (byName[name] ?? 0) + 1;
+  return byName;
+}
+
 /** Processes whose parent is `pid` (nginx's workers), found by scanning /proc. */
 export function childPids(pid: number): number[] {
   const children: number[] = [];
@@ -150,8 +187,13 @@ export function childPids(pid: number): number[] {
  */
 export class PeakRssSampler {
   private readonly pid: number;
+  private readonly started = performance.now();
   private peakKiB = 0;
   private timer: NodeJS.Timeout | undefined;
+  /** The whole status line-up of the sample with the highest VmRSS: what the peak was made of. */
+  peak: MemoryStatus | undefined;
+  /** The highest VmRSS (KiB) in each second since the sampler started: growth or a plateau. */
+  readonly perSecondKiB: number[] = [];
 
   constructor(pid: number, intervalMs = 50) {
     this.pid = pid;
@@ -170,7 +212,14 @@ export class PeakRssSampler {
 
   private sample(): void {
     try {
-      this.peakKiB = Math.max(this.peakKiB, readStatusKiB(this.pid, 'VmRSS'));
+      const status = readMemoryStatus(this.pid);
+      if (status.VmRSS > this.peakKiB) {
+        this.peakKiB = status.VmRSS;
+        this.peak = status;
+      }
+      const second = Math.floor((performance.now() - this.started) / 1000);
+      while (this.perSecondKiB.length <= second) this.perSecondKiB.push(0);
+      this.perSecondKiB[second] = Math.max(this.perSecondKiB[second]!, status.VmRSS);
     } catch {
       // The process is gone; the run will fail on its own, with a better message.
     }
@@ -185,4 +234,90 @@ export function readMachineBusySeconds(): number {
   const line = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!;
   const [user, nice, system, , , irq, softirq] = line.trim().split(/\s+/).slice(1).map(Number);
   return ((user ?? 0) + (nice ?? 0) + (system ?? 0) + (irq ?? 0) + (softirq ?? 0)) / CLOCK_TICKS;
+}
+
+/**
+ * The resident memory of a process by what holds it, from /proc/<pid>/smaps (KiB). The kinds are told
+ * apart by the shape of the mapping, which is a heuristic that fits Node on glibc:
+ * - v8Pages: anonymous 256 KiB mappings, the pages of the V8 heaps (every isolate: the main thread and
+ *   each worker thread);
+ * - mallocMain: [heap], glibc's main arena: what the main thread malloc()s (ArrayBuffer backing stores
+ *   of Buffers, OpenSSL's buffers, …);
+ * - mallocThreads: anonymous mappings that start on a 64 MiB boundary, glibc's per-thread arenas (the
+ *   worker threads' and libuv's threads' malloc()s);
+ * - anonOther: every other anonymous mapping (V8's code and large-object spaces, WebAssembly memory,
+ *   thread stacks, malloc's own mmap()ed large chunks);
+ * - nodeBinary / otherFiles: file-backed pages (shared with other processes running the same files).
+ */
+export interface MemoryKinds {
+  totalKiB: number;
+  v8Pages: number;
+  mallocMain: number;
+  mallocThreads: number;
+  anonOther: number;
+  nodeBinary: number;
+  otherFiles: number;
+}
+
+const ARENA_ALIGNMENT = 64 * 1024 * 1024;
+
+export function readMemoryKinds(pid: number): MemoryKinds {
+  let exe = '';
+  try {
+    exe = readlinkSync(`/proc/${pid}/exe`);
+  } catch {
+    // gone, or not ours to read: every file then counts as "other"
+  }
+  const kinds: MemoryKinds = { totalKiB: 0, v8Pages: 0, mallocMain: 0, mallocThreads: 0, anonOther: 0, nodeBinary: 0, otherFiles: 0 };
+  let kind: keyof MemoryKinds | undefined;
+  for (const line of readFileSync(`/proc/${pid}/smaps`, 'utf8').split('\n')) {
+    const header = /^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \d+\s*(.*)$/.exec(line);
+    if (header) {
+      const start = Number.parseInt(header[1]!, 16);
+      const sizeKiB = (Number.parseInt(header[2]!, 16) - start) / 1024;
+      const name = header[3]!;
+      if (name === '[heap]') kind = 'mallocMain';
+      else if (name.startsWith('/')) kind = name === exe ? 'nodeBinary' : 'otherFiles';
+      else if (name !== '') kind = 'anonOther'; // [stack], [vdso], anon_inode:…
+      else if (sizeKiB === 256) kind = 'v8Pages';
+      else if (start % ARENA_ALIGNMENT === 0) kind = 'mallocThreads';
+      else kind = 'anonOther';
+      continue;
+    }
+    if (kind && line.startsWith('Rss:')) {
+      const kiB = Number(line.split(/\s+/)[1]);
+      kinds[kind] += kiB;
+      kinds.totalKiB += kiB;
+      kind = undefined;
+    }
+  }
+  return kinds;
+}
+
+/** Reads readMemoryKinds every intervalMs (smaps is slower to read than status) and keeps the largest. */
+export class MemoryKindsSampler {
+  private readonly pid: number;
+  private timer: NodeJS.Timeout | undefined;
+  peak: MemoryKinds | undefined;
+
+  constructor(pid: number, intervalMs = 500) {
+    this.pid = pid;
+    this.sample();
+    this.timer = setInterval(() => this.sample(), intervalMs).unref();
+  }
+
+  stop(): MemoryKinds | undefined {
+    clearInterval(this.timer);
+    this.timer = undefined;
+    return this.peak;
+  }
+
+  private sample(): void {
+    try {
+      const kinds = readMemoryKinds(this.pid);
+      if (!this.peak || kinds.totalKiB > this.peak.totalKiB) this.peak = kinds;
+    } catch {
+      // gone
+    }
+  }
 }

@@ -19,6 +19,10 @@ export interface ProxyOptions {
   policy: string;
   /** Extra node options, e.g. ['--cpu-prof', '--cpu-prof-dir=…'] to see where the CPU goes. */
   nodeArgs?: string[];
+  /** Extra environment variables (e.g. MALLOC_ARENA_MAX, UV_THREADPOOL_SIZE) on top of the minimal one. */
+  env?: Record<string, string>;
+  /** Another build of the proxy's cli (e.g. one compiled to .js) instead of this repository's src/cli.ts. */
+  cli?: string;
 }
 
 export interface ProxyProcess {
@@ -55,9 +59,9 @@ async function startOnce(options: ProxyOptions, port: number): Promise<ProxyProc
   const stderrFile = join(options.dir, 'proxy.log');
   const out = openSync(stdoutFile, 'a');
   const err = openSync(stderrFile, 'a');
-  const child = spawnTracked(process.execPath, [...(options.nodeArgs ?? []), CLI, 'start', '--config', configFile], {
+  const child = spawnTracked(process.execPath, [...(options.nodeArgs ?? []), options.cli ?? CLI, 'start', '--config', configFile], {
     cwd: options.dir,
-    env: minimalEnv(),
+    env: { ...minimalEnv(), ...options.env },
     stdio: ['ignore', out, err],
   });
   closeSync(out);
