@@ -52,6 +52,7 @@ export function describePolicy(policy: Policy): string {
     hosts: Object.fromEntries(policy.hosts),
     ipv6: policy.ipv6,
     requestBuffering: policy.requestBuffering,
+    workers: policy.workers,
   };
   return stringify(effective, { lineWidth: 0 });
 }

@@ -1,6 +1,7 @@
 // Loads the policy: proxy.yaml (or the built-in default) → ${VAR} expansion → validation with
 // file:line:key messages → the seed's environment variables → PULLTHROUGH_* overrides.
 import { existsSync, readFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { LineCounter, parseDocument } from 'yaml';
 import {
@@ -60,7 +61,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   }
   const src: Source = { file, lines, env };
   const root = new Cursor(doc.contents as Cursor['node'], '', src);
-  const top = root.entries(['listen', 'dataDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'users', 'hosts', 'ipv6']);
+  const top = root.entries(['listen', 'dataDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'users', 'hosts', 'ipv6', 'workers']);
   const at = (key: string) => top.get(key) ?? new Cursor(null, key, src);
   const resolvePath = (p: string) => path.resolve(baseDir, p);
 
@@ -93,6 +94,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
     hosts: new Map(),
     ipv6: at('ipv6').present ? at('ipv6').boolean() : true,
     requestBuffering: false,
+    workers: at('workers').present ? parseWorkers(at('workers')) : defaultWorkers(),
   };
 
   for (const [name, entry] of at('registries').entries()) {
@@ -120,6 +122,20 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
     policy.hosts.set(name.toLowerCase(), entry.string());
   }
   return policy;
+}
+
+/**
+ * One fill worker per core beyond the one the primary thread's TLS sessions use: fills take ~2–3 CPU-s
+ * per GiB, and on 2 cores a second worker only adds memory (~20 MiB each), not throughput.
+ */
+function defaultWorkers(): number {
+  return Math.max(1, os.availableParallelism() - 1);
+}
+
+function parseWorkers(cursor: Cursor): number {
+  const text = cursor.string();
+  if (!/^\d+$/.test(text) || Number(text) < 1 || Number(text) > 64) cursor.fail('expected a number of worker threads from 1 to 64');
+  return Number(text);
 }
 
 export function parseListen(text: string, fail: (message: string) => never): Listen {

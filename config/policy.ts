@@ -84,6 +84,8 @@ export interface Policy {
   ipv6: boolean;
   /** The seed's PROXY_REQUEST_BUFFERING; uploads are always streamed, this is kept for check-config. */
   requestBuffering: boolean;
+  /** Worker threads that run blob fills. */
+  workers: number;
 }
 
 export function registryKey(host: string, port: number): string {

@@ -1,14 +1,16 @@
 // The Piscina pool of worker threads that run blob fills (upstream → .part file + hash → verify →
 // rename). TLS sessions stay on the thread that accepted them (relaying a socket's bytes to a worker
 // measured 20–70% more CPU per GiB); the pool does the work that is not tied to a socket.
-import os from 'node:os';
+import path from 'node:path';
 import { Piscina } from 'piscina';
 import type { TransferListItem } from 'node:worker_threads';
 import type { FillTask } from './cache/fill-protocol.ts';
 import type { Logger } from './log.ts';
 
-const HEALTH_TASK = new URL('../workers/health.ts', import.meta.url).href;
-const FILL_TASK = new URL('../workers/fill.ts', import.meta.url).href;
+/** Tasks are .ts beside the sources and .js in dist/: the same extension as this module. */
+const EXT = path.extname(new URL(import.meta.url).pathname);
+const HEALTH_TASK = new URL(`../workers/health${EXT}`, import.meta.url).href;
+const FILL_TASK = new URL(`../workers/fill${EXT}`, import.meta.url).href;
 
 export interface WorkerPool {
   piscina: Piscina;
@@ -19,7 +21,7 @@ export interface WorkerPool {
   close(): Promise<void>;
 }
 
-export function createWorkerPool(log: Logger, threads = Math.max(2, os.availableParallelism())): WorkerPool {
+export function createWorkerPool(log: Logger, threads: number): WorkerPool {
   const piscina = new Piscina({
     filename: HEALTH_TASK,
     minThreads: threads,

@@ -27,6 +27,8 @@ export interface RunningProxy {
   host: string;
   ca: CertificateAuthority;
   pool: WorkerPool;
+  /** Upstream pull budgets (ratelimit-* headers) by registry, for the metrics and the dashboard. */
+  rateLimits: RateLimits;
   close(): Promise<void>;
 }
 
@@ -47,7 +49,7 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
 
   const lookup = createLookup(policy.hosts, policy.ipv6);
   const upstreams = new UpstreamAgents();
-  const pool = createWorkerPool(log);
+  const pool = createWorkerPool(log, policy.workers);
   const store = new BlobStore(policy.dataDir, index.root, log);
   await store.start();
   const fills = new Fills(pool, store, policy.cache, log);
@@ -76,6 +78,7 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
     host: address.address,
     ca,
     pool,
+    rateLimits,
     async close() {
       await front.close();
       await Promise.all([upstreams.close(), pool.close()]);

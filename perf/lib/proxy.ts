@@ -1,6 +1,7 @@
-// pullthrough as users run it — `node src/cli.ts start --config <file>` in its own process — so that
+// pullthrough as users run it — `npm start` builds dist/ and runs `node dist/src/cli.js start` — in its own process, so that
 // /proc shows its CPU and memory alone, and the benchmark's own work (spawning curl, sampling /proc)
 // is not counted against it.
+import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -8,7 +9,15 @@ import { isRunning, spawnTracked, stopChild } from './cleanup.ts';
 import { answers200, freePort, waitFor } from './net.ts';
 
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
-const CLI = join(REPO, 'src', 'cli.ts');
+const CLI = join(REPO, 'dist', 'src', 'cli.js');
+let built = false;
+
+/** The benchmark measures what `npm start` runs: dist/, built from the current sources once per run. */
+function ensureBuilt(): void {
+  if (built) return;
+  execFileSync(process.execPath, [join(REPO, 'src', 'build.ts')], { stdio: 'ignore' });
+  built = true;
+}
 const READY_TIMEOUT_MS = 20_000;
 const START_ATTEMPTS = 3;
 
@@ -21,7 +30,7 @@ export interface ProxyOptions {
   nodeArgs?: string[];
   /** Extra environment variables (e.g. MALLOC_ARENA_MAX, UV_THREADPOOL_SIZE) on top of the minimal one. */
   env?: Record<string, string>;
-  /** Another build of the proxy's cli (e.g. one compiled to .js) instead of this repository's src/cli.ts. */
+  /** Another build of the proxy's cli instead of this repository's dist/src/cli.js. */
   cli?: string;
 }
 
@@ -39,6 +48,7 @@ export interface ProxyProcess {
 }
 
 export async function startProxyProcess(options: ProxyOptions): Promise<ProxyProcess> {
+  if (!options.cli) ensureBuilt();
   let lastError: Error | undefined;
   for (let attempt = 1; attempt <= START_ATTEMPTS; attempt++) {
     try {
