@@ -46,13 +46,20 @@ export class ManifestStore {
     await this.tags.put(tagKey(registry, repository, tag, accept), entry);
   }
 
+  /** Whether any manifest of this registry is cached: then a failing upstream still leaves something to serve. */
+  holdsAny(registry: string): boolean {
+    // '0' sorts right after '/': the range is exactly the keys under "<registry>/".
+    for (const _ of this.bodies.getKeys({ start: `${registry}/`, end: `${registry}0`, limit: 1 })) return true;
+    return false;
+  }
+
   /** Every Accept variant of a tag: after a push, the next pull must ask upstream. */
   async forgetTag(registry: string, repository: string, tag: string): Promise<void> {
     const prefix = `${registry}/${repository}:${tag}|`;
-    for (const key of this.tags.getKeys({ start: prefix })) {
-      if (!key.startsWith(prefix)) break;
-      await this.tags.remove(key);
-    }
+    // Keys first, then the removals: no read snapshot held open across the writes. '}' sorts after
+    // '|', so the range holds exactly this tag's keys.
+    const keys = [...this.tags.getKeys({ start: prefix, end: `${registry}/${repository}:${tag}}` })];
+    await Promise.all(keys.map((key) => this.tags.remove(key)));
   }
 }
 
@@ -63,13 +70,15 @@ function tagKey(registry: string, repository: string, tag: string, accept: strin
 /**
  * The Accept header as a set: media types without parameters, lower-cased, sorted, deduplicated, so
  * that clients listing the same types in another order share an entry while a client that accepts
- * other types (and may get another body from the registry) does not.
+ * other types (and may get another body from the registry) does not. A type with q=0 is one the
+ * client refuses (RFC 9110 §12.4.2), so it is not in the set.
  */
 export function normaliseAccept(header: string | string[] | undefined): string {
   const values = Array.isArray(header) ? header.join(',') : (header ?? '');
   const types = values
     .split(',')
-    .map((part) => part.split(';')[0]!.trim().toLowerCase())
-    .filter(Boolean);
+    .map((part) => part.split(';').map((piece) => piece.trim()))
+    .filter(([type, ...params]) => type && !params.some((param) => /^q\s*=\s*0(?:\.0{0,3})?$/i.test(param)))
+    .map(([type]) => type!.toLowerCase());
   return [...new Set(types)].sort().join(',');
 }

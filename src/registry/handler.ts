@@ -3,12 +3,13 @@
 // It does not know about sockets or CONNECT; it gets the registry and the request.
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Policy, RegistryPolicy } from '../../config/policy.ts';
-import { pathForLog, type Logger } from '../log.ts';
+import type { Dispatcher } from 'undici';
+import { pathForLog, type CacheStatus, type Logger } from '../log.ts';
 import { upstreamConfig, type UpstreamAgents, type UpstreamConfig } from '../upstream/agents.ts';
-import { forward } from '../upstream/forward.ts';
+import { describeUpstreamError, forward, requestHeadersForUpstream, responseHeadersForClient, type ForwardResult, type ForwardTarget } from '../upstream/forward.ts';
 import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { BlobHandler } from './blobs.ts';
-import type { ManifestHandler } from './manifests.ts';
+import { STALE_ON_STATUS, type ManifestHandler } from './manifests.ts';
 import { sendRegistryError } from './errors.ts';
 import { isRouteError, routeRequest } from './route.ts';
 
@@ -62,7 +63,14 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       deps.log.access({ ...access, ...result, type: 'manifest', ms: elapsed(started) });
       return;
     }
-    if (WRITES.has(req.method ?? '') && registry.push === 'deny') {
+    if (route.kind === 'ping' && reading && deps.manifestStore.holdsAny(registry.key)) {
+      const result = await ping(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader });
+      deps.log.access({ ...access, ...result, type: 'ping', ms: elapsed(started) });
+      return;
+    }
+    // The distribution API's writes only: a POST to a token endpoint on an intercepted realm host
+    // (route "other") is how containerd logs in, not a push.
+    if (WRITES.has(req.method ?? '') && route.kind !== 'other' && registry.push === 'deny') {
       const message = `pushing through the proxy is disabled for ${registry.key} (push: deny in proxy.yaml; push: bypass or ALLOW_PUSH=true allows it)`;
       // The client may be mid-upload: read nothing more of it.
       res.setHeader('Connection', 'close');
@@ -70,14 +78,53 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       deps.log.access({ ...access, status: 405, bytes: 0, cache: 'BYPASS', type: route.kind, ms: elapsed(started), error: 'push denied' });
       return;
     }
+    // A pushed or deleted tag: the next pull must ask upstream. Forgotten before the write goes up, so
+    // no pull that follows the client's 201 can find the old entry (forgetting after the answer
+    // would race the client's next request), and again after it, for a pull that ran meanwhile.
+    const retagging = route.kind === 'manifest' && !route.byDigest && (req.method === 'PUT' || req.method === 'DELETE');
+    if (retagging) await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
     // Everything else streams through untouched, uploads included (unbuffered, unlimited).
     const result = await forward(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader }, { 'X-Cache': 'BYPASS' });
-    if (route.kind === 'manifest' && req.method === 'PUT' && result.status >= 200 && result.status < 300 && !route.byDigest) {
-      // The next pull of this tag must see what was just pushed.
-      await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
-    }
+    if (retagging && result.status >= 200 && result.status < 300) await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
     deps.log.access({ ...access, ...result, cache: 'BYPASS', type: route.kind, ms: elapsed(started) });
   };
+}
+
+/**
+ * GET /v2/, every Docker-style client's first request: a failed one ends the pull before it asks for
+ * a manifest. While upstream fails as a cached manifest may be served STALE for (network, TLS,
+ * timeout, 429, 5xx), and the proxy holds manifests of this registry, it answers the ping itself so
+ * that they can be pulled; any other answer (200, or 401 with the challenge a client needs) is
+ * upstream's own. With nothing cached the ping is a plain pass-through, failures and all.
+ */
+async function ping(req: IncomingMessage, res: ServerResponse, target: ForwardTarget): Promise<ForwardResult & { cache: CacheStatus }> {
+  const started = performance.now();
+  let response: Dispatcher.ResponseData | undefined;
+  let error: string;
+  try {
+    response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/v2/', method: req.method === 'HEAD' ? 'HEAD' : 'GET', headers: requestHeadersForUpstream(req, target.hostHeader) });
+    error = `upstream answered ${response.statusCode}`;
+  } catch (err) {
+    error = describeUpstreamError(err as Error);
+  }
+  const upstreamMs = Math.round(performance.now() - started);
+  if (response && !STALE_ON_STATUS.has(response.statusCode)) {
+    const body = Buffer.from(await response.body.arrayBuffer());
+    res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), ...(req.method === 'HEAD' ? {} : { 'content-length': String(body.length) }), 'X-Cache': 'BYPASS' });
+    res.end(req.method === 'HEAD' ? undefined : body);
+    return { status: response.statusCode, upstreamStatus: response.statusCode, upstreamMs, bytes: req.method === 'HEAD' ? 0 : body.length, cache: 'BYPASS' };
+  }
+  await response?.body.dump();
+  const body = '{}';
+  res.writeHead(200, {
+    'Content-Type': 'application/json; charset=utf-8',
+    'Content-Length': body.length,
+    'Docker-Distribution-API-Version': 'registry/2.0',
+    'X-Cache': 'STALE',
+    Warning: '111 pullthrough "Revalidation Failed"',
+  });
+  res.end(req.method === 'HEAD' ? undefined : body);
+  return { status: 200, bytes: req.method === 'HEAD' ? 0 : body.length, cache: 'STALE', upstreamMs, ...(response ? { upstreamStatus: response.statusCode } : {}), error };
 }
 
 /** host[:port] as clients write it: the port only when it is not the scheme's default. */

@@ -13,12 +13,12 @@ import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
 import { describeUpstreamError, responseHeadersForClient } from '../upstream/forward.ts';
 import type { RateLimits } from '../upstream/rate-limits.ts';
 import { sendRegistryError } from './errors.ts';
-import type { RepositoryName } from './route.ts';
+import { parseDigest, type RepositoryName } from './route.ts';
 
 /** distribution refuses manifests larger than this; so do we, rather than buffer without end. */
 const MAX_MANIFEST_BYTES = 4 * 1024 * 1024;
 /** Upstream answers after which a cached manifest is served stale rather than the error. */
-const STALE_ON_STATUS = new Set([429, 500, 502, 503, 504]);
+export const STALE_ON_STATUS: ReadonlySet<number> = new Set([429, 500, 502, 503, 504]);
 
 export interface ManifestRequest {
   registry: RegistryPolicy;
@@ -62,10 +62,13 @@ export function createManifestHandler(deps: ManifestDeps): ManifestHandler {
 
     if (request.byDigest) {
       const stored = deps.store.body(registry.key, name, reference);
-      if (stored && (stored.access === 'anonymous' || (await confirm(upstream)).kind === 'same')) {
-        return send(req, res, stored, 'HIT');
-      }
-      return fetchAndStore(upstream, res, access, undefined);
+      if (!stored) return fetchAndStore(upstream, res, access, undefined);
+      if (stored.access === 'anonymous') return send(req, res, stored, 'HIT');
+      // Private content goes only to a client that upstream lets read it now (any 200 will do: the
+      // bytes are named by their digest); never stale, since a failing upstream proves nothing.
+      const confirmed = await confirm(upstream, reference);
+      if (confirmed.kind === 'same' || confirmed.kind === 'changed') return send(req, res, stored, 'HIT', confirmed.upstreamMs);
+      return relayFailure(req, res, confirmed, request);
     }
 
     const accept = normaliseAccept(req.headers.accept);
@@ -73,26 +76,37 @@ export function createManifestHandler(deps: ManifestDeps): ManifestHandler {
     const stored = tag ? deps.store.body(registry.key, name, tag.digest) : undefined;
     if (!tag || !stored) return fetchAndStore(upstream, res, access, accept);
 
+    const ttl = ttlFor(registry.manifests, reference);
     const age = Date.now() - tag.validatedAt;
     // Private content is always confirmed with the client's own credentials (that is the access check).
-    if (tag.access === 'anonymous' && age < ttlFor(registry.manifests, reference)) return send(req, res, stored, 'HIT');
+    if (tag.access === 'anonymous' && age < ttl) return send(req, res, stored, 'HIT');
 
     const confirmed = await confirm(upstream, tag.digest);
     switch (confirmed.kind) {
       case 'same':
         await deps.store.putTag(registry.key, name, reference, accept, { ...tag, validatedAt: Date.now() });
         return send(req, res, stored, 'REVALIDATED', confirmed.upstreamMs);
-      case 'changed':
-        return fetchAndStore(upstream, res, access, accept, 'REVALIDATED');
+      case 'changed': {
+        // The tag moved. Its new manifest may be cached already (a tag moved back, or the same image
+        // pulled by digest): content-addressed, so the HEAD that named it is all the GET would tell.
+        const known = confirmed.digest ? deps.store.body(registry.key, name, confirmed.digest) : undefined;
+        if (known) {
+          await deps.store.putTag(registry.key, name, reference, accept, { digest: known.digest, mediaType: known.mediaType, size: known.body.length, validatedAt: Date.now(), access });
+          return send(req, res, known, 'REVALIDATED', confirmed.upstreamMs);
+        }
+        // A HEAD has its answer already: the HEAD upstream just gave. Only a GET costs a GET.
+        if (req.method === 'HEAD') return relay(req, res, 200, confirmed.headers, Buffer.alloc(0), 'MISS', confirmed.upstreamMs);
+        return fetchAndStore(upstream, res, access, accept);
+      }
       case 'failed':
-        if (age - ttlFor(registry.manifests, reference) <= registry.manifests.maxStaleMs) {
+        if (tag.access === 'anonymous' && age - ttl <= registry.manifests.maxStaleMs) {
           deps.log.warn('upstream failed; serving a stale manifest', { registry: registry.key, repository: name, tag: reference, error: confirmed.error });
           return send(req, res, stored, 'STALE', undefined, confirmed.error);
         }
-        return relayFailure(res, confirmed, request);
+        return relayFailure(req, res, confirmed, request);
       case 'refused':
         if (confirmed.status === 404) await deps.store.forgetTag(registry.key, name, reference);
-        return relayFailure(res, confirmed, request);
+        return relayFailure(req, res, confirmed, request);
     }
   };
 }
@@ -105,14 +119,15 @@ export function ttlFor(policy: ManifestPolicy, tag: string): number {
 
 type Confirmation =
   | { kind: 'same'; upstreamMs: number }
-  | { kind: 'changed' }
+  /** `digest`: what the reference names now, when upstream said; `headers`: its answer, for a HEAD client. */
+  | { kind: 'changed'; digest?: string; headers: Record<string, string | string[]>; upstreamMs: number }
   /** Network, TLS, timeout, 429, 5xx: a stale copy may be served. */
   | { kind: 'failed'; error: string; status?: number; headers?: Record<string, string | string[]>; body?: Buffer }
   /** Upstream says no (401, 403, 404…): the client gets that answer. */
   | { kind: 'refused'; status: number; headers: Record<string, string | string[]>; body: Buffer };
 
 /** HEAD upstream with the client's Accept and credentials: does the reference still name `digest`? */
-async function confirm(upstream: Upstream, digest?: string): Promise<Confirmation> {
+async function confirm(upstream: Upstream, digest: string): Promise<Confirmation> {
   const started = performance.now();
   let response: Dispatcher.ResponseData;
   try {
@@ -121,13 +136,15 @@ async function confirm(upstream: Upstream, digest?: string): Promise<Confirmatio
     return { kind: 'failed', error: describeUpstreamError(err as Error) };
   }
   await response.body.dump();
+  const upstreamMs = Math.round(performance.now() - started);
   upstream.deps.rateLimits.record(upstream.request.registry.key, response.headers);
+  const headers = responseHeadersForClient(response.headers);
   if (response.statusCode === 200) {
     const current = response.headers['docker-content-digest'];
-    if (digest === undefined || current === digest) return { kind: 'same', upstreamMs: Math.round(performance.now() - started) };
-    return { kind: 'changed' };
+    if (current === digest) return { kind: 'same', upstreamMs };
+    return { kind: 'changed', ...(typeof current === 'string' && parseDigest(current) ? { digest: current } : {}), headers, upstreamMs };
   }
-  const failure = { status: response.statusCode, headers: responseHeadersForClient(response.headers), body: Buffer.alloc(0) };
+  const failure = { status: response.statusCode, headers, body: Buffer.alloc(0) };
   if (STALE_ON_STATUS.has(response.statusCode)) return { kind: 'failed', error: `upstream answered ${response.statusCode}`, ...failure };
   return { kind: 'refused', ...failure };
 }
@@ -136,8 +153,9 @@ async function confirm(upstream: Upstream, digest?: string): Promise<Confirmatio
  * GET upstream; a 200 is verified against its digest, stored and served; anything else is relayed.
  * A client's HEAD stays a HEAD upstream (relayed, nothing stored): HEAD is free on Docker Hub, GET is not.
  */
-async function fetchAndStore(upstream: Upstream, res: ServerResponse, access: Access, accept: string | undefined, cache: CacheStatus = 'MISS'): Promise<ManifestResult> {
+async function fetchAndStore(upstream: Upstream, res: ServerResponse, access: Access, accept: string | undefined): Promise<ManifestResult> {
   const { req, request, deps } = upstream;
+  const cache: CacheStatus = 'MISS';
   const method = req.method === 'HEAD' ? 'HEAD' : 'GET';
   const started = performance.now();
   let response: Dispatcher.ResponseData;
@@ -151,18 +169,25 @@ async function fetchAndStore(upstream: Upstream, res: ServerResponse, access: Ac
   const upstreamMs = Math.round(performance.now() - started);
   deps.rateLimits.record(request.registry.key, response.headers);
   const body = await readLimited(response.body);
-  if (method === 'HEAD' || response.statusCode !== 200 || body === undefined) {
-    // Upstream's own answer, as it came (an uncached request fails fast with upstream's error).
-    return relay(req, res, response.statusCode, responseHeadersForClient(response.headers), body ?? Buffer.alloc(0), cache, upstreamMs);
-  }
-  const digest = `sha256:${createHash('sha256').update(body).digest('hex')}`;
-  const announced = response.headers['docker-content-digest'];
-  const expected = request.byDigest ? request.reference : typeof announced === 'string' && announced.startsWith('sha256:') ? announced : digest;
-  if (expected.startsWith('sha256:') && expected !== digest) {
-    const message = `upstream sent a manifest whose sha256 is ${digest}, not ${expected}: not cached`;
+  if (body === undefined) {
+    // Never relayed as a 200 with a cut body: the client would take the stub for the manifest.
+    const message = `upstream sent a manifest larger than ${MAX_MANIFEST_BYTES} bytes: refused`;
     deps.log.warn(message, { registry: request.registry.key, repository: request.name, reference: request.reference });
     sendRegistryError(res, 502, 'MANIFEST_INVALID', message);
-    return { status: 502, bytes: 0, cache, upstreamStatus: 200, error: message };
+    return { status: 502, bytes: 0, cache, upstreamStatus: response.statusCode, upstreamMs, error: message };
+  }
+  if (method === 'HEAD' || response.statusCode !== 200) {
+    // Upstream's own answer, as it came (an uncached request fails fast with upstream's error).
+    return relay(req, res, response.statusCode, responseHeadersForClient(response.headers), body, cache, upstreamMs);
+  }
+  const announced = response.headers['docker-content-digest'];
+  const expected = request.byDigest ? request.reference : typeof announced === 'string' && parseDigest(announced) ? announced : digestOf(body, 'sha256');
+  const actual = digestOf(body, expected.startsWith('sha512:') ? 'sha512' : 'sha256');
+  if (actual !== expected) {
+    const message = `upstream sent a manifest whose digest is ${actual}, not ${expected}: not cached`;
+    deps.log.warn(message, { registry: request.registry.key, repository: request.name, reference: request.reference });
+    sendRegistryError(res, 502, 'MANIFEST_INVALID', message);
+    return { status: 502, bytes: 0, cache, upstreamStatus: 200, upstreamMs, error: message };
   }
   const mediaType = String(response.headers['content-type'] ?? 'application/octet-stream');
   const stored: StoredManifest = { body, mediaType, digest: expected, storedAt: Date.now(), access };
@@ -171,6 +196,10 @@ async function fetchAndStore(upstream: Upstream, res: ServerResponse, access: Ac
     await deps.store.putTag(request.registry.key, request.name, request.reference, accept, { digest: expected, mediaType, size: body.length, validatedAt: Date.now(), access });
   }
   return { ...send(req, res, stored, cache), upstreamStatus: 200, upstreamMs };
+}
+
+function digestOf(body: Buffer, algorithm: 'sha256' | 'sha512'): string {
+  return `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
 }
 
 function upstreamRequest(upstream: Upstream, method: 'GET' | 'HEAD'): Promise<Dispatcher.ResponseData> {
@@ -205,13 +234,25 @@ function relay(req: IncomingMessage, res: ServerResponse, status: number, header
   return { status, bytes: req.method === 'HEAD' ? 0 : body.length, cache, upstreamStatus: status, ...(upstreamMs !== undefined ? { upstreamMs } : {}) };
 }
 
-function relayFailure(res: ServerResponse, failure: Extract<Confirmation, { kind: 'failed' | 'refused' }>, request: ManifestRequest): ManifestResult {
+/** Registry error codes for the statuses a HEAD can answer with, so a GET client can print the reason. */
+const CODE_FOR_STATUS: Record<number, string> = { 401: 'UNAUTHORIZED', 403: 'DENIED', 404: 'MANIFEST_UNKNOWN', 429: 'TOOMANYREQUESTS' };
+
+function relayFailure(req: IncomingMessage, res: ServerResponse, failure: Extract<Confirmation, { kind: 'failed' | 'refused' }>, request: ManifestRequest): ManifestResult {
   if (failure.status === undefined) {
     const message = `upstream ${request.upstream.origin} failed: ${'error' in failure ? failure.error : ''}`;
     sendRegistryError(res, 502, 'UNAVAILABLE', message);
     return { status: 502, bytes: 0, cache: 'MISS', error: message };
   }
-  return relay(res.req, res, failure.status, failure.headers ?? {}, failure.body ?? Buffer.alloc(0), 'MISS');
+  // The answer came to our HEAD, which has no body; a GET client gets a registry-style one instead of
+  // an empty body under upstream's headers (Retry-After, WWW-Authenticate and ratelimit-* are kept).
+  let headers = failure.headers ?? {};
+  let body = failure.body ?? Buffer.alloc(0);
+  if (req.method !== 'HEAD' && body.length === 0) {
+    const code = CODE_FOR_STATUS[failure.status] ?? 'UNAVAILABLE';
+    body = Buffer.from(JSON.stringify({ errors: [{ code, message: `upstream ${request.upstream.origin} answered ${failure.status} for ${request.name}:${request.reference}` }] }) + '\n');
+    headers = { ...headers, 'content-type': 'application/json; charset=utf-8' };
+  }
+  return relay(req, res, failure.status, headers, body, 'MISS');
 }
 
 async function readLimited(body: AsyncIterable<Buffer> & { destroy(): void }): Promise<Buffer | undefined> {

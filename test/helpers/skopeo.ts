@@ -59,6 +59,43 @@ export async function pushImage(layoutDir: string, tag: string, registry: Regist
   }
 }
 
+export interface ProxyPushOptions {
+  /** Where to push: 'registry.test:5443/repo:tag' (the test name: Go proxies it, never a loopback IP). */
+  image: string;
+  proxyUrl: string;
+  /** PEM file with the proxy's CA: the only CA skopeo will trust. */
+  caFile: string;
+  credentials?: Credentials;
+  all?: boolean;
+  timeoutMs?: number;
+}
+
+/**
+ * Pushes oci:<layoutDir>:<tag> THROUGH the proxy, as `docker push` behind HTTPS_PROXY would. Never
+ * throws on skopeo's failure: a denied push is a result to look at.
+ */
+export async function pushImageThroughProxy(layoutDir: string, tag: string, options: ProxyPushOptions): Promise<SkopeoResult> {
+  const sandbox = makeSkopeoSandbox();
+  try {
+    const emptyCertDir = join(sandbox.dir, 'no-certs');
+    await mkdir(emptyCertDir);
+    const args = [
+      'copy',
+      '--retry-times', '0',
+      '--preserve-digests',
+      '--dest-cert-dir', emptyCertDir,
+      ...(options.credentials ? ['--dest-creds', credentialArg(options.credentials)] : []),
+      ...(options.all ? ['--all'] : []),
+      `oci:${layoutDir}:${tag}`,
+      `docker://${options.image}`,
+    ];
+    const env = { HTTPS_PROXY: options.proxyUrl, https_proxy: options.proxyUrl, SSL_CERT_FILE: options.caFile, SSL_CERT_DIR: emptyCertDir };
+    return await runSkopeo(args, sandbox, env, options.timeoutMs);
+  } finally {
+    removeTempDir(sandbox.dir);
+  }
+}
+
 export interface ProxyCopyOptions {
   /** 'registry.test:5443/repo:tag' or '...@sha256:...' (no transport prefix). */
   image: string;

@@ -53,6 +53,7 @@ registries:
   fake.test:${port}:
     tls: { ca: ${caFile} }
     timeouts: { headers: 1s, idle: 1s }
+    push: bypass   # the upload below streams through; denial by default: test/registry/manifests.test.ts
 hosts:
   fake.test: 127.0.0.1
 `);
@@ -75,6 +76,7 @@ hosts:
   const BLOB = '/v2/lib/app/blobs/sha256:' + 'a'.repeat(64);
 
   // Blob redirects are followed by the proxy (test/cache); other requests' redirects are the client's.
+  // A manifest GET goes through the manifest cache, which relays what it cannot store: a MISS.
   test('a redirect on a non-blob request is passed back to the client unchanged', async () => {
     behave = (_req, res) => {
       res.writeHead(307, { Location: 'https://cdn.example/blob?X-Amz-Signature=abc' });
@@ -83,7 +85,11 @@ hosts:
     const response = await request('GET', '/v2/lib/app/manifests/latest');
     assert.equal(response.status, 307);
     assert.equal(response.headers.location, 'https://cdn.example/blob?X-Amz-Signature=abc');
-    assert.equal(response.headers['x-cache'], 'BYPASS');
+    assert.equal(response.headers['x-cache'], 'MISS');
+    const tags = await request('GET', '/v2/lib/app/tags/list');
+    assert.equal(tags.status, 307);
+    assert.equal(tags.headers.location, 'https://cdn.example/blob?X-Amz-Signature=abc');
+    assert.equal(tags.headers['x-cache'], 'BYPASS');
   });
 
   test('HEAD stays HEAD upstream, over HTTP/1.1', async () => {
