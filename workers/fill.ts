@@ -61,16 +61,17 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void): Promise<
       if (offset === 0) {
         if (response.statusCode !== 200) return upstreamStatus(response);
         size = contentLength(response.headers);
-        // The file exists before anyone is told, so every reader can open it.
+        // The file exists before anyone is told, so every reader can open it. A retry from byte 0 (cut
+        // before the first byte) writes into the same file.
         try {
-          file = await open(task.partPath, 'w', 0o644);
+          file ??= await open(task.partPath, 'w', 0o644);
         } catch (err) {
           response.body.destroy();
           return { kind: 'failed', reason: `cannot create the cache file: ${describe(err)}`, offset: 0, writeError: true };
         }
         writer.file = file;
         send({ type: 'response', size, mediaType: headerValue(response.headers['content-type']), hops, from: urlForLog(url) });
-      } else if (!(await positionAt(response.statusCode, response.headers, response.body, offset))) {
+      } else if (!(await positioned(response, offset))) {
         response.body.destroy();
         if (attempt < MAX_RESUMES) continue;
         return { kind: 'failed', reason: `upstream could not resume at byte ${offset}`, offset };
@@ -81,7 +82,10 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void): Promise<
         if (size === undefined || writer.written >= size) break;
         throw new Error(`upstream ended at byte ${writer.written} of ${size}`);
       } catch (err) {
-        if (err instanceof WriteError) return { kind: 'failed', reason: err.message, offset: writer.written, writeError: true };
+        if (err instanceof WriteError) {
+          response.body.destroy(); // unread, it would hold the upstream connection open for good
+          return { kind: 'failed', reason: err.message, offset: writer.written, writeError: true };
+        }
         if (size !== undefined && writer.written >= size) break;
         if (attempt >= MAX_RESUMES) return { kind: 'failed', reason: `upstream broke off at byte ${writer.written} ${MAX_RESUMES + 1} times: ${describe(err)}`, offset: writer.written };
       }
@@ -170,6 +174,15 @@ class BatchWriter {
     }
     this.written += batch.length;
     this.published(this.written);
+  }
+}
+
+/** The resumed response continues at `offset`; a cut while skipping a 200's first bytes is one more break, not the end. */
+async function positioned(response: Dispatcher.ResponseData, offset: number): Promise<boolean> {
+  try {
+    return await positionAt(response.statusCode, response.headers, response.body, offset);
+  } catch {
+    return false;
   }
 }
 

@@ -28,7 +28,7 @@ export async function pumpFile(res: ServerResponse, handle: FileHandle, start: n
   res.once('close', onClose);
   try {
     for (;;) {
-      if (gone) return { kind: 'gone', bytes: position - start };
+      if (gone || res.destroyed) return { kind: 'gone', bytes: position - start };
       const target = end ?? (fill ? (fill.verified ? fill.size : undefined) : undefined);
       if (target !== undefined && position >= target) return { kind: 'complete', bytes: position - start };
       const available = fill ? fill.published - (fill.verified ? 0 : 1) : Number.POSITIVE_INFINITY;
@@ -55,7 +55,10 @@ export async function pumpFile(res: ServerResponse, handle: FileHandle, start: n
   }
 }
 
-function drained(res: ServerResponse): Promise<void> {
+/** Resolves when `res` can take more, or is gone (a client that left never drains). */
+export function drained(res: ServerResponse): Promise<void> {
+  // Gone already (it closed while a read was under way): 'close' has fired and will not again.
+  if (res.destroyed) return Promise.resolve();
   return new Promise((resolve) => {
     const done = () => {
       res.off('drain', done).off('close', done);

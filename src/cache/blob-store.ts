@@ -35,6 +35,9 @@ export class BlobStore {
   private readonly db: Database<BlobEntry, string>;
   private readonly log: Logger;
   private totalBytes = 0;
+  private readonly forgetting = new Map<string, Promise<void>>();
+  /** The eviction under way: evictions run one at a time. */
+  private evicting: Promise<unknown> = Promise.resolve();
 
   constructor(dataDir: string, index: RootDatabase, log: Logger) {
     this.root = path.join(dataDir, 'blobs');
@@ -102,8 +105,10 @@ export class BlobStore {
     }
   }
 
-  /** Records a blob the fill has renamed into place. */
-  /** Resolves once the entry is committed: LMDB's reads see an asynchronous put only after that. */
+  /**
+   * Records a blob the fill has renamed into place. Resolves once the entry is committed: LMDB's reads
+   * see an asynchronous put only after that.
+   */
   async record(digest: string, entry: BlobEntry): Promise<void> {
     if (!this.db.get(digest)) this.totalBytes += entry.size;
     await this.db.put(digest, entry);
@@ -114,9 +119,20 @@ export class BlobStore {
   }
 
   async forget(digest: string): Promise<void> {
+    // Lookups see the entry until its removal commits: a second forget in that time (an eviction, and
+    // a reader that found the file gone) must not count the size out twice.
+    const pending = this.forgetting.get(digest);
+    if (pending) return pending;
     const entry = this.db.get(digest);
-    if (entry) this.totalBytes -= entry.size;
-    await this.db.remove(digest);
+    if (!entry) return;
+    this.totalBytes -= entry.size;
+    const removal = this.db.remove(digest).then(() => {});
+    this.forgetting.set(digest, removal);
+    try {
+      await removal;
+    } finally {
+      this.forgetting.delete(digest);
+    }
   }
 
   async freeBytes(): Promise<number> {
@@ -127,15 +143,26 @@ export class BlobStore {
   /**
    * Makes room for `incoming` bytes: least recently used blobs go until the cache fits maxSize and the
    * disk keeps minFree. A reader that has an evicted file open keeps reading it (the inode lives on
-   * until closed). Returns false when even an empty cache would not make room.
+   * until closed). Returns false, evicting nothing, when even an empty cache would not make room.
    */
-  async makeRoom(incoming: number, limits: CacheLimits, keep: ReadonlySet<string> = new Set()): Promise<boolean> {
+  makeRoom(incoming: number, limits: CacheLimits, keep: ReadonlySet<string> = new Set()): Promise<boolean> {
+    // One at a time: two evictions choosing from the same snapshot would both evict for one need.
+    const run = this.evicting.then(() => this.evict(incoming, limits, keep));
+    this.evicting = run.catch(() => {});
+    return run;
+  }
+
+  private async evict(incoming: number, limits: CacheLimits, keep: ReadonlySet<string>): Promise<boolean> {
     let free = await this.freeBytes();
     const fits = () => this.totalBytes + incoming <= limits.maxSize && free - incoming >= limits.minFree;
     if (fits()) return true;
     const candidates = [...this.db.getRange()]
       .filter(({ key }) => !keep.has(key))
       .sort((a, b) => a.value.lastAccess - b.value.lastAccess);
+    // A blob larger than the cache or the disk (20 GiB announced, say) must not empty the cache for
+    // nothing: if evicting every candidate would not make room, none goes.
+    const evictable = candidates.reduce((sum, { value }) => sum + value.size, 0);
+    if (this.totalBytes - evictable + incoming > limits.maxSize || free + evictable - incoming < limits.minFree) return false;
     let evicted = 0;
     for (const { key, value } of candidates) {
       if (fits()) break;

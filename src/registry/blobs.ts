@@ -5,7 +5,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Dispatcher } from 'undici';
 import type { BlobStore, CacheLimits } from '../cache/blob-store.ts';
-import { pumpFile, type PumpResult } from '../cache/blob-reader.ts';
+import { drained, pumpFile, type PumpResult } from '../cache/blob-reader.ts';
 import type { Fill, Fills } from '../cache/fills.ts';
 import type { CacheStatus, Logger } from '../log.ts';
 import { positionAt } from '../upstream/body.ts';
@@ -197,7 +197,8 @@ async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, d
     for await (const chunk of response.body as AsyncIterable<Buffer>) {
       const piece = chunk.length > limit - bytes ? chunk.subarray(0, limit - bytes) : chunk;
       bytes += piece.length;
-      if (!res.write(piece)) await new Promise((resolve) => res.once('drain', resolve));
+      if (!res.write(piece)) await drained(res);
+      if (res.destroyed) return { bytes, error: 'the client left' }; // leaving the loop releases upstream
       if (bytes >= limit) break;
     }
     res.end();
@@ -217,7 +218,8 @@ async function fromUpstream(req: IncomingMessage, res: ServerResponse, dispatche
     let bytes = 0;
     for await (const chunk of response.body as AsyncIterable<Buffer>) {
       bytes += chunk.length;
-      if (!res.write(chunk)) await new Promise((resolve) => res.once('drain', resolve));
+      if (!res.write(chunk)) await drained(res);
+      if (res.destroyed) return { status: response.statusCode, bytes, cache, upstreamStatus: response.statusCode, error: 'the client left' };
     }
     res.end();
     return { status: response.statusCode, bytes, cache, upstreamStatus: response.statusCode };

@@ -16,17 +16,22 @@ export interface TestProxy {
   caFile: string;
   caPem: string;
   dir: string;
+  /** The proxy's data directory: `dir`/data unless startTestProxy was given one. */
+  dataDir: string;
   access: AccessEntry[];
   /** Every line the proxy logged (access and operator), raw, for secret greps. */
   lines: string[];
   close(): Promise<void>;
 }
 
-/** `yaml` is the policy body without `listen`/`dataDir` (both are set here). */
-export async function startTestProxy(yaml = '', env: NodeJS.ProcessEnv = {}): Promise<TestProxy> {
+/**
+ * `yaml` is the policy body without `listen`/`dataDir` (both are set here). `dataDir` places the data
+ * elsewhere than `dir`/data (a small tmpfs, say); the caller owns it and close() leaves it.
+ */
+export async function startTestProxy(yaml = '', env: NodeJS.ProcessEnv = {}, dataDir?: string): Promise<TestProxy> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-test-'));
   const configFile = path.join(dir, 'proxy.yaml');
-  writeFileSync(configFile, `listen: 127.0.0.1:0\ndataDir: ./data\n${yaml}`);
+  writeFileSync(configFile, `listen: 127.0.0.1:0\ndataDir: ${JSON.stringify(dataDir ?? './data')}\n${yaml}`);
   const policy = loadPolicy({ configPath: configFile, env: { ...env } });
   const access: AccessEntry[] = [];
   const lines: string[] = [];
@@ -44,7 +49,7 @@ export async function startTestProxy(yaml = '', env: NodeJS.ProcessEnv = {}): Pr
     error: (message: string, fields?: Record<string, unknown>) => record(JSON.stringify({ level: 'error', message, ...fields })),
   };
   const proxy = await startProxy(policy, log);
-  const caFile = path.join(dir, 'data', 'ca.crt');
+  const caFile = path.join(policy.dataDir, 'ca.crt');
   return {
     proxy,
     port: proxy.port,
@@ -52,6 +57,7 @@ export async function startTestProxy(yaml = '', env: NodeJS.ProcessEnv = {}): Pr
     caFile,
     caPem: proxy.ca.certPem,
     dir,
+    dataDir: policy.dataDir,
     access,
     lines,
     async close() {
