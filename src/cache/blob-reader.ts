@@ -23,6 +23,7 @@ export type PumpResult =
  */
 export async function pumpFile(res: ServerResponse, handle: FileHandle, start: number, end: number | undefined, fill?: Fill): Promise<PumpResult> {
   let position = start;
+  const buffers = new ReadBuffers();
   let gone = res.destroyed;
   const onClose = () => (gone = true);
   res.once('close', onClose);
@@ -35,11 +36,11 @@ export async function pumpFile(res: ServerResponse, handle: FileHandle, start: n
       const limit = Math.min(available, target ?? Number.POSITIVE_INFINITY);
       if (position < limit) {
         const length = Math.min(READ_SIZE, limit - position);
-        const buffer = Buffer.allocUnsafe(length);
+        const buffer = await buffers.next();
         const { bytesRead } = await handle.read(buffer, 0, length, position);
         if (bytesRead === 0) return { kind: 'cut', bytes: position - start, reason: 'the file is shorter than its index entry' };
         position += bytesRead;
-        if (!res.write(bytesRead === length ? buffer : buffer.subarray(0, bytesRead))) await drained(res);
+        if (!buffers.write(res, buffer.subarray(0, bytesRead))) await drained(res);
         continue;
       }
       const outcome = fill?.outcome;
@@ -52,6 +53,37 @@ export async function pumpFile(res: ServerResponse, handle: FileHandle, start: n
     }
   } finally {
     res.off('close', onClose);
+  }
+}
+
+/**
+ * Two read buffers per client, each reused once the response has let go of it (its write callback):
+ * a fresh 1 MiB buffer per read became garbage at once, and the allocator and the GC made that the
+ * largest part of the memory and ~0.3 CPU-s per GiB served.
+ */
+class ReadBuffers {
+  private readonly buffers = [Buffer.allocUnsafeSlow(READ_SIZE), Buffer.allocUnsafeSlow(READ_SIZE)];
+  private readonly released: Array<Promise<void>> = [Promise.resolve(), Promise.resolve()];
+  private turn = 0;
+
+  /** The next buffer, once the write that last used it has completed. */
+  async next(): Promise<Buffer> {
+    this.turn ^= 1;
+    await this.released[this.turn];
+    return this.buffers[this.turn]!;
+  }
+
+  /** Writes part of the current buffer; returns what res.write returned (false: wait for drain). */
+  write(res: ServerResponse, chunk: Buffer): boolean {
+    let release!: () => void;
+    this.released[this.turn] = new Promise((resolve) => (release = resolve));
+    // A destroyed response calls back with an error, or not at all: then nothing holds the buffer.
+    if (res.destroyed) release();
+    else res.once('close', release);
+    return res.write(chunk, () => {
+      res.off('close', release);
+      release();
+    });
   }
 }
 
