@@ -13,9 +13,11 @@ COPY workers ./workers
 RUN node src/build.ts
 
 FROM node:24-slim
-# Young generations of 1 MiB semi-spaces keep Buffer garbage short-lived (as npm start does).
+# As npm start: 1 MiB semi-spaces keep Buffer garbage short-lived; two malloc arenas stop each thread
+# from keeping one of its own at its peak (8 clients on a 4 GiB blob: 396 -> 147 MiB peak RSS).
 ENV NODE_ENV=production \
     NODE_OPTIONS=--max-semi-space-size=1 \
+    MALLOC_ARENA_MAX=2 \
     PULLTHROUGH_DATA_DIR=/data \
     PULLTHROUGH_LISTEN=0.0.0.0:3128
 WORKDIR /app

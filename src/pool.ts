@@ -32,6 +32,10 @@ export function createWorkerPool(log: Logger, threads: number): WorkerPool {
   });
   // Piscina replaces a worker that dies; the tasks it was running fail and their clients are cut.
   piscina.on('error', (err: Error) => log.error('a worker thread failed; it is replaced', { error: err.message }));
+  // The first fill of a fresh worker paid ~150 ms loading undici and the CA stores: pay it at start.
+  for (let i = 0; i < threads; i++) {
+    piscina.run('warm-up', { filename: FILL_TASK }).catch((err: Error) => log.warn('a fill worker could not warm up', { error: err.message }));
+  }
   return {
     piscina,
     health: (timeoutMs = 5000) => piscina.run(undefined, { signal: AbortSignal.timeout(timeoutMs) }),

@@ -18,7 +18,7 @@ import { createWorkerPool, type WorkerPool } from './pool.ts';
 import { createRegistryHandler } from './registry/handler.ts';
 import { createLookup } from './resolver.ts';
 import { InterceptedSessions } from './session.ts';
-import { UpstreamAgents } from './upstream/agents.ts';
+import { preloadTrust, UpstreamAgents } from './upstream/agents.ts';
 
 const CA_EXPIRY_WARNING_MS = 30 * 86_400_000;
 
@@ -49,6 +49,7 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
 
   const lookup = createLookup(policy.hosts, policy.ipv6);
   const upstreams = new UpstreamAgents();
+  preloadTrust(); // the first manifest request should not wait for the CA stores to be read
   const pool = createWorkerPool(log, policy.workers);
   const store = new BlobStore(policy.dataDir, index.root, log);
   await store.start();

@@ -8,7 +8,7 @@ import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import type { Dispatcher } from 'undici';
-import { UpstreamAgents, type UpstreamConfig } from '../src/upstream/agents.ts';
+import { preloadTrust, UpstreamAgents, type UpstreamConfig } from '../src/upstream/agents.ts';
 import { positionAt, readable } from '../src/upstream/body.ts';
 import { requestFollowingRedirects, urlForLog } from '../src/upstream/redirects.ts';
 import type { FillMessage, FillOutcome, FillTask } from '../src/cache/fill-protocol.ts';
@@ -26,7 +26,9 @@ const MAX_ERROR_BODY = 64 * 1024;
 
 const agents = new UpstreamAgents();
 
-export default async function fill(task: FillTask): Promise<void> {
+export default async function fill(task: FillTask | 'warm-up'): Promise<void> {
+  // Run once per worker at start: the module, undici and the CA stores are loaded before a client waits.
+  if (task === 'warm-up') return preloadTrust();
   const port = task.port;
   const send = (message: FillMessage) => port.postMessage(message);
   let outcome: FillOutcome;

@@ -10,8 +10,12 @@ import { answers200, freePort, waitFor } from './net.ts';
 
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const CLI = join(REPO, 'dist', 'src', 'cli.js');
-/** As package.json's start script: young generations of 1 MiB semi-spaces keep Buffer garbage short-lived. */
+/**
+ * As package.json's start script: 1 MiB semi-spaces keep Buffer garbage short-lived, and two malloc
+ * arenas stop every thread (fill worker, libuv pool) from keeping an arena of its own at its peak.
+ */
 const START_NODE_ARGS = ['--max-semi-space-size=1'];
+const START_ENV = { MALLOC_ARENA_MAX: '2' };
 let built = false;
 
 /** The benchmark measures what `npm start` runs: dist/, built from the current sources once per run. */
@@ -73,7 +77,7 @@ async function startOnce(options: ProxyOptions, port: number): Promise<ProxyProc
   const err = openSync(stderrFile, 'a');
   const child = spawnTracked(process.execPath, [...START_NODE_ARGS, ...(options.nodeArgs ?? []), options.cli ?? CLI, 'start', '--config', configFile], {
     cwd: options.dir,
-    env: { ...minimalEnv(), ...options.env },
+    env: { ...minimalEnv(), ...START_ENV, ...options.env },
     stdio: ['ignore', out, err],
   });
   closeSync(out);
