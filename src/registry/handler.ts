@@ -2,6 +2,7 @@
 // intercepted TLS session, a plain-HTTP absolute-form request, later a registry-mirror listener).
 // It does not know about sockets or CONNECT; it gets the registry and the request.
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import path from 'node:path';
 import type { Policy, RegistryPolicy } from '../../config/policy.ts';
 import type { Dispatcher } from 'undici';
 import { pathForLog, type CacheStatus, type Logger } from '../log.ts';
@@ -83,8 +84,10 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     // would race the client's next request), and again after it, for a pull that ran meanwhile.
     const retagging = route.kind === 'manifest' && !route.byDigest && (req.method === 'PUT' || req.method === 'DELETE');
     if (retagging) await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
-    // Everything else streams through untouched, uploads included (unbuffered, unlimited).
-    const result = await forward(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader }, { 'X-Cache': 'BYPASS' });
+    // Everything else streams through untouched, uploads included (unbuffered and unlimited, unless
+    // requestBuffering asks for whole uploads first).
+    const spoolDir = deps.policy.requestBuffering ? path.join(deps.policy.dataDir, 'tmp') : undefined;
+    const result = await forward(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader, ...(spoolDir ? { spoolDir } : {}) }, { 'X-Cache': 'BYPASS' });
     if (retagging && result.status >= 200 && result.status < 300) await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
     deps.log.access({ ...access, ...result, cache: 'BYPASS', type: route.kind, ms: elapsed(started) });
   };

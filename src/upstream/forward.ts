@@ -5,6 +5,7 @@ import { pipeline } from 'node:stream/promises';
 import type { Dispatcher } from 'undici';
 import { errors as undiciErrors } from 'undici';
 import { sendRegistryError } from '../registry/errors.ts';
+import { spool, type SpooledBody } from './spool.ts';
 
 /** Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy's own. */
 const HOP_BY_HOP = new Set([
@@ -20,6 +21,8 @@ const HOP_BY_HOP = new Set([
 ]);
 
 export interface ForwardTarget {
+  /** Set: request bodies are written here in full before they go upstream (PROXY_REQUEST_BUFFERING). */
+  spoolDir?: string;
   dispatcher: Dispatcher;
   /** "https://host:port" or "http://host:port". */
   origin: string;
@@ -60,6 +63,18 @@ export function responseHeadersForClient(headers: Record<string, string | string
 export async function forward(req: IncomingMessage, res: ServerResponse, target: ForwardTarget, extraHeaders: Record<string, string> = {}): Promise<ForwardResult> {
   const method = req.method ?? 'GET';
   const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
+  let spooled: SpooledBody | undefined;
+  const headers = requestHeadersForUpstream(req, target.hostHeader);
+  if (hasBody && target.spoolDir) {
+    try {
+      spooled = await spool(req, target.spoolDir);
+    } catch (err) {
+      // The client broke off its upload (or the disk failed): nothing went upstream, nothing to answer.
+      res.destroy();
+      return { status: 499, bytes: 0, error: `the upload could not be read: ${(err as Error).message}` };
+    }
+    headers['content-length'] = String(spooled.size);
+  }
   const started = performance.now();
   let response: Dispatcher.ResponseData;
   try {
@@ -67,11 +82,13 @@ export async function forward(req: IncomingMessage, res: ServerResponse, target:
       origin: target.origin,
       path: req.url ?? '/',
       method: method as Dispatcher.HttpMethod,
-      headers: requestHeadersForUpstream(req, target.hostHeader),
-      body: hasBody ? req : null,
+      headers,
+      body: spooled ? spooled.body : hasBody ? req : null,
     });
   } catch (err) {
     return upstreamFailed(res, err as Error, target);
+  } finally {
+    await spooled?.discard();
   }
   const upstreamMs = Math.round(performance.now() - started);
   res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), ...extraHeaders });

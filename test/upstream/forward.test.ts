@@ -127,6 +127,44 @@ hosts:
     assert.equal(seen[0]!.bodySha256, createHash('sha256').update(body).digest('hex'));
   });
 
+  test('PROXY_REQUEST_BUFFERING=true: a chunked upload reaches upstream whole, with its Content-Length', async () => {
+    const buffering = await startTestProxy(
+      `registries:\n  fake.test:${port}: { tls: { ca: ${path.join(process.env.TMPDIR ?? '/tmp', `forward-ca-${process.pid}.pem`)} }, push: bypass }\nhosts:\n  fake.test: 127.0.0.1\n`,
+      { PROXY_REQUEST_BUFFERING: 'true' },
+    );
+    try {
+      behave = (_req, res) => {
+        res.writeHead(202);
+        res.end();
+      };
+      const body = randomBytes(3 * 1024 * 1024 + 5);
+      const socket = await tlsThroughProxy(buffering.port, 'fake.test', port, buffering.caPem);
+      const answer = new Promise<string>((resolve) => {
+        let text = '';
+        socket.on('data', (c: Buffer) => (text += c.toString('latin1')));
+        socket.on('end', () => resolve(text));
+      });
+      socket.write(`PATCH /v2/lib/app/blobs/uploads/u1 HTTP/1.1\r\nHost: fake.test:${port}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n`);
+      // Sent in pieces, slowly: upstream must hear nothing before the last one.
+      for (let offset = 0; offset < body.length; offset += 1024 * 1024) {
+        const piece = body.subarray(offset, offset + 1024 * 1024);
+        socket.write(`${piece.length.toString(16)}\r\n`);
+        socket.write(piece);
+        socket.write('\r\n');
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        if (offset + piece.length < body.length) assert.equal(seen.length, 0, 'nothing upstream before the upload is complete');
+      }
+      socket.write('0\r\n\r\n');
+      assert.match(await answer, /^HTTP\/1\.1 202/);
+      assert.equal(seen.length, 1);
+      assert.equal(seen[0]!.headers['content-length'], String(body.length));
+      assert.equal(seen[0]!.headers['transfer-encoding'], undefined);
+      assert.equal(seen[0]!.bodySha256, createHash('sha256').update(body).digest('hex'));
+    } finally {
+      await buffering.close();
+    }
+  });
+
   test('response heads of 128 KiB are accepted (Google Artifact Registry sends such)', async () => {
     behave = (_req, res) => {
       res.setHeader('X-Large', 'x'.repeat(128 * 1024));
