@@ -5,6 +5,8 @@ import { describePolicy } from '../config/describe.ts';
 import { ConfigError, loadPolicy } from '../config/load.ts';
 import type { Policy } from '../config/policy.ts';
 import { describeCa, rotateCa } from './commands/ca.ts';
+import { request } from 'undici';
+import { fetchStats, formatStats } from './commands/stats.ts';
 import { warm } from './commands/warm.ts';
 import { createLogger } from './log.ts';
 import { startProxy, VERSION } from './server.ts';
@@ -58,6 +60,43 @@ program
       process.stderr.write(`pullthrough warm: ${(err as Error).message}\n`);
       process.exit(1);
     }
+  });
+
+program
+  .command('stats')
+  .description('what the dashboard shows: hit ratio, bytes saved, rate limits, recent pulls, largest images')
+  .option('--proxy <url>', 'the running proxy (default: $PULLTHROUGH_PROXY, else the listen address of the policy)')
+  .option('--json', 'the raw figures')
+  .action(async (options: { proxy?: string; json?: boolean }) => {
+    try {
+      const data = await fetchStats(proxyUrlFor(options.proxy));
+      process.stdout.write(options.json ? `${JSON.stringify(data, null, 2)}\n` : formatStats(data));
+    } catch (err) {
+      process.stderr.write(`pullthrough stats: ${(err as Error).message}\n`);
+      process.exit(1);
+    }
+  });
+
+program
+  .command('purge')
+  .description('drop cached blobs and manifests (waits for clients reading them; run it on the proxy host)')
+  .option('--registry <host[:port]>', 'everything from this registry')
+  .option('--repository <name>', 'everything of this repository (with --registry)')
+  .option('--digest <digest>', 'this blob')
+  .option('--proxy <url>', 'the running proxy (default: $PULLTHROUGH_PROXY, else the listen address of the policy)')
+  .action(async (options: { registry?: string; repository?: string; digest?: string; proxy?: string }) => {
+    const { proxy, ...what } = options;
+    const response = await request(`${proxyUrlFor(proxy)}/admin/purge`, { method: 'POST', body: JSON.stringify(what), headers: { 'content-type': 'application/json' } }).catch((err: Error) => {
+      process.stderr.write(`pullthrough purge: ${err.message}\n`);
+      process.exit(1);
+    });
+    const text = await response.body.text();
+    if (response.statusCode !== 200) {
+      process.stderr.write(`pullthrough purge: ${text}`);
+      process.exit(1);
+    }
+    const result = JSON.parse(text) as { blobs: number; bytes: number; manifests: number; tags: number; busy: string[] };
+    process.stdout.write(`purged ${result.blobs} blobs (${result.bytes} bytes), ${result.manifests} manifests, ${result.tags} tags${result.busy.length ? `; left in use: ${result.busy.join(' ')}` : ''}\n`);
   });
 
 const ca = program.command('ca').description('print the CA in use: subject, fingerprint, validity and PEM');

@@ -9,6 +9,7 @@ export interface LiveState {
   fillsInFlight(): number;
   cacheBytes(): number;
   cacheEntries(): number;
+  evictions(): { blobs: number; bytes: number };
   rateLimits(): Iterable<[string, { limit?: number; remaining?: number }]>;
   caNotAfter(): Date;
 }
@@ -16,7 +17,6 @@ export interface LiveState {
 export interface Metrics {
   registry: Registry;
   observe(entry: AccessEntry): void;
-  evicted(blobs: number, bytes: number): void;
 }
 
 /** Cache statuses whose bytes did not cost an upstream transfer. */
@@ -30,8 +30,9 @@ export function createMetrics(live: LiveState): Metrics {
   const bytes = new Counter({ name: 'pullthrough_response_bytes_total', help: 'Body bytes sent to clients', labelNames: labels, registers: [registry] });
   const saved = new Counter({ name: 'pullthrough_bytes_saved_total', help: 'Body bytes sent to clients without an upstream transfer of their own (HIT, JOINED, STALE, REVALIDATED)', labelNames: ['registry'], registers: [registry] });
   const upstream = new Counter({ name: 'pullthrough_upstream_responses_total', help: 'Upstream responses by registry and status (429 is Docker Hub throttling)', labelNames: ['registry', 'status'], registers: [registry] });
-  const evictions = new Counter({ name: 'pullthrough_cache_evictions_total', help: 'Blobs evicted (least recently used first)', registers: [registry] });
-  const evictedBytes = new Counter({ name: 'pullthrough_cache_evicted_bytes_total', help: 'Bytes of evicted blobs', registers: [registry] });
+  // Counted by the store; read at scrape time.
+  new Counter({ name: 'pullthrough_cache_evictions_total', help: 'Blobs evicted (least recently used first)', registers: [registry], collect() { this.reset(); this.inc(live.evictions().blobs); } });
+  new Counter({ name: 'pullthrough_cache_evicted_bytes_total', help: 'Bytes of evicted blobs', registers: [registry], collect() { this.reset(); this.inc(live.evictions().bytes); } });
   new Gauge({ name: 'pullthrough_fills_in_flight', help: 'Blob fills running in the worker pool', registers: [registry], collect() { this.set(live.fillsInFlight()); } });
   new Gauge({ name: 'pullthrough_cache_bytes', help: 'Bytes of verified blobs in the cache', registers: [registry], collect() { this.set(live.cacheBytes()); } });
   new Gauge({ name: 'pullthrough_cache_blobs', help: 'Verified blobs in the cache', registers: [registry], collect() { this.set(live.cacheEntries()); } });
@@ -56,10 +57,6 @@ export function createMetrics(live: LiveState): Metrics {
       bytes.inc(base, entry.bytes);
       if (SAVED.has(base.cache)) saved.inc({ registry: entry.host }, entry.bytes);
       if (entry.upstreamStatus !== undefined) upstream.inc({ registry: entry.host, status: String(entry.upstreamStatus) });
-    },
-    evicted(blobs, size) {
-      evictions.inc(blobs);
-      evictedBytes.inc(size);
     },
   };
 }

@@ -3,7 +3,11 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import type { Policy } from '../config/policy.ts';
+import { dashboardData } from './admin/dashboard.ts';
 import { createAdminHandler } from './admin/index.ts';
+import { purge } from './cache/purge.ts';
+import { createMetrics, type Metrics } from './metrics.ts';
+import { Stats } from './stats.ts';
 import { CertificateAuthority } from './ca.ts';
 import { BlobStore } from './cache/blob-store.ts';
 import { Fills } from './cache/fills.ts';
@@ -29,12 +33,26 @@ export interface RunningProxy {
   pool: WorkerPool;
   /** Upstream pull budgets (ratelimit-* headers) by registry, for the metrics and the dashboard. */
   rateLimits: RateLimits;
+  metrics: Metrics;
+  stats: Stats;
   close(): Promise<void>;
 }
 
 export const VERSION: string = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 
-export async function startProxy(policy: Policy, log: Logger): Promise<RunningProxy> {
+export async function startProxy(policy: Policy, baseLog: Logger): Promise<RunningProxy> {
+  const startedAt = Date.now();
+  // Every access entry also feeds the metrics and the dashboard's stats.
+  const stats = new Stats();
+  let metrics: Metrics | undefined;
+  const log: Logger = {
+    ...baseLog,
+    access(entry) {
+      baseLog.access(entry);
+      stats.observe(entry);
+      metrics?.observe(entry);
+    },
+  };
   mkdirSync(policy.dataDir, { recursive: true });
   const index = openIndex(policy.dataDir);
   const { ca, created } = CertificateAuthority.loadOrCreate(policy.dataDir, index.leafCertificates);
@@ -61,7 +79,23 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
   const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, log });
   const sessions = new InterceptedSessions(ca, registryHandler, log);
   const listenHost = policy.listen.host;
-  const admin = createAdminHandler({ ca, pool, version: VERSION, fallbackHost: `${listenHost}:${policy.listen.port}` });
+  metrics = createMetrics({
+    fillsInFlight: () => fills.active,
+    cacheBytes: () => store.total,
+    cacheEntries: () => store.count,
+    evictions: () => store.evictions,
+    rateLimits: () => rateLimits.all(),
+    caNotAfter: () => ca.notAfter,
+  });
+  const workersHealthy = () => pool.health().then(() => 'ok', (err: Error) => err.message);
+  const admin = createAdminHandler({
+    ca,
+    version: VERSION,
+    fallbackHost: `${listenHost}:${policy.listen.port}`,
+    metrics,
+    dashboard: () => dashboardData({ version: VERSION, startedAt, maxSize: policy.cache.maxSize, stats, store, fills, manifests: manifestStore, rateLimits, workersHealthy }),
+    purge: (request) => purge(request, { store, fills, manifests: manifestStore, log }),
+  });
   const front = createFront({ policy, log, lookup, sessions, registryHandler, admin });
 
   await new Promise<void>((resolve, reject) => {
@@ -80,6 +114,8 @@ export async function startProxy(policy: Policy, log: Logger): Promise<RunningPr
     ca,
     pool,
     rateLimits,
+    metrics,
+    stats,
     async close() {
       await front.close();
       await Promise.all([upstreams.close(), pool.close()]);

@@ -35,7 +35,11 @@ export class BlobStore {
   private readonly db: Database<BlobEntry, string>;
   private readonly log: Logger;
   private totalBytes = 0;
+  private entryCount = 0;
+  /** Since start, for the metrics. */
+  readonly evictions = { blobs: 0, bytes: 0 };
   private readonly forgetting = new Map<string, Promise<void>>();
+  private readonly readers = new Map<string, number>();
   /** The eviction under way: evictions run one at a time. */
   private evicting: Promise<unknown> = Promise.resolve();
 
@@ -73,6 +77,11 @@ export class BlobStore {
     }
     if (orphans > 0) this.log.info('removed blob files the index does not know (left by a crash)', { files: orphans });
     this.totalBytes = total;
+    this.entryCount = indexed.size;
+  }
+
+  get count(): number {
+    return this.entryCount;
   }
 
   get total(): number {
@@ -97,12 +106,56 @@ export class BlobStore {
   async open(digest: string): Promise<{ entry: BlobEntry; handle: FileHandle } | undefined> {
     const entry = this.db.get(digest);
     if (!entry) return undefined;
+    let handle: FileHandle;
     try {
-      return { entry, handle: await open(this.blobPath(digest), 'r') };
+      handle = await open(this.blobPath(digest), 'r');
     } catch {
       await this.forget(digest);
       return undefined;
     }
+    // Readers are counted so that a purge can wait for them; closing the handle is the release.
+    this.readers.set(digest, (this.readers.get(digest) ?? 0) + 1);
+    const close = handle.close.bind(handle);
+    let released = false;
+    handle.close = () => {
+      if (!released) {
+        released = true;
+        const left = (this.readers.get(digest) ?? 1) - 1;
+        if (left > 0) this.readers.set(digest, left);
+        else this.readers.delete(digest);
+      }
+      return close();
+    };
+    return { entry, handle };
+  }
+
+  /** Blobs some client is reading from the cache right now. */
+  beingRead(digest: string): boolean {
+    return this.readers.has(digest);
+  }
+
+  /**
+   * Removes the blobs `select` picks. One that a client is reading is waited for (up to `waitMs`),
+   * then skipped and reported: an operator's purge never cuts a download.
+   */
+  async purge(select: (digest: string, entry: BlobEntry) => boolean, waitMs: number): Promise<{ blobs: number; bytes: number; busy: string[] }> {
+    const chosen = [...this.db.getRange()].filter(({ key, value }) => select(key, value));
+    const deadline = Date.now() + waitMs;
+    while (chosen.some(({ key }) => this.readers.has(key)) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+    let blobs = 0;
+    let bytes = 0;
+    const busy: string[] = [];
+    for (const { key, value } of chosen) {
+      if (this.readers.has(key)) {
+        busy.push(key);
+        continue;
+      }
+      await rm(this.blobPath(key), { force: true });
+      await this.forget(key);
+      blobs++;
+      bytes += value.size;
+    }
+    return { blobs, bytes, busy };
   }
 
   /**
@@ -110,7 +163,10 @@ export class BlobStore {
    * see an asynchronous put only after that.
    */
   async record(digest: string, entry: BlobEntry): Promise<void> {
-    if (!this.db.get(digest)) this.totalBytes += entry.size;
+    if (!this.db.get(digest)) {
+      this.totalBytes += entry.size;
+      this.entryCount++;
+    }
     await this.db.put(digest, entry);
   }
 
@@ -126,6 +182,7 @@ export class BlobStore {
     const entry = this.db.get(digest);
     if (!entry) return;
     this.totalBytes -= entry.size;
+    this.entryCount--;
     const removal = this.db.remove(digest).then(() => {});
     this.forgetting.set(digest, removal);
     try {
@@ -170,6 +227,8 @@ export class BlobStore {
       await this.forget(key);
       free += value.size;
       evicted++;
+      this.evictions.blobs++;
+      this.evictions.bytes += value.size;
     }
     if (evicted > 0) this.log.info('evicted least recently used blobs', { blobs: evicted, cacheBytes: this.totalBytes });
     return fits();

@@ -53,6 +53,46 @@ export class ManifestStore {
     return false;
   }
 
+  /**
+   * The cached tags with the most bytes behind them: the layers and config their manifest names, or
+   * for an index the sum over the platform manifests that are cached too.
+   */
+  largestImages(limit: number): ImageSize[] {
+    const sizes = new Map<string, number>();
+    for (const { key, value } of this.tags.getRange()) {
+      const at = key.lastIndexOf('|');
+      const name = key.slice(0, at);
+      const repositoryKey = name.slice(0, name.lastIndexOf(':'));
+      if (!sizes.has(name)) sizes.set(name, this.bytesBehind(repositoryKey, value.digest, 0));
+    }
+    return [...sizes]
+      .map(([image, bytes]) => ({ image: image.replace(/:443\//, '/'), bytes }))
+      .sort((a, b) => b.bytes - a.bytes)
+      .slice(0, limit);
+  }
+
+  private bytesBehind(repositoryKey: string, digest: string, depth: number): number {
+    const stored = this.bodies.get(`${repositoryKey}@${digest}`);
+    if (!stored || depth > 1) return 0;
+    let manifest: { manifests?: Array<{ digest: string }>; config?: { size?: number }; layers?: Array<{ size?: number }> };
+    try {
+      manifest = JSON.parse(stored.body.toString('utf8'));
+    } catch {
+      return 0;
+    }
+    if (manifest.manifests) return manifest.manifests.reduce((sum, m) => sum + this.bytesBehind(repositoryKey, m.digest, depth + 1), 0);
+    return (manifest.config?.size ?? 0) + (manifest.layers ?? []).reduce((sum, l) => sum + (l.size ?? 0), 0);
+  }
+
+  /** Every manifest and tag under "<registry>/" or "<registry>/<repository>" (for purge). */
+  async purge(prefix: string): Promise<ManifestPurge> {
+    const matches = (key: string) => key.startsWith(`${prefix}@`) || key.startsWith(`${prefix}:`) || key.startsWith(`${prefix}/`);
+    const bodies = [...this.bodies.getKeys({ start: prefix, end: `${prefix}\xff` })].filter(matches);
+    const tags = [...this.tags.getKeys({ start: prefix, end: `${prefix}\xff` })].filter(matches);
+    await Promise.all([...bodies.map((k) => this.bodies.remove(k)), ...tags.map((k) => this.tags.remove(k))]);
+    return { manifests: bodies.length, tags: tags.length };
+  }
+
   /** Every Accept variant of a tag: after a push, the next pull must ask upstream. */
   async forgetTag(registry: string, repository: string, tag: string): Promise<void> {
     const prefix = `${registry}/${repository}:${tag}|`;
@@ -61,6 +101,16 @@ export class ManifestStore {
     const keys = [...this.tags.getKeys({ start: prefix, end: `${registry}/${repository}:${tag}}` })];
     await Promise.all(keys.map((key) => this.tags.remove(key)));
   }
+}
+
+export interface ImageSize {
+  image: string;
+  bytes: number;
+}
+
+export interface ManifestPurge {
+  manifests: number;
+  tags: number;
 }
 
 function tagKey(registry: string, repository: string, tag: string, accept: string): string {
