@@ -6,7 +6,7 @@ import type { ServerResponse } from 'node:http';
 import type { Fill } from './fills.ts';
 
 /** Reads of this size (64 KiB streams doubled the CPU per GiB). */
-const READ_SIZE = 512 * 1024;
+const READ_SIZE = 256 * 1024;
 
 export type PumpResult =
   | { kind: 'complete'; bytes: number }
