@@ -103,6 +103,11 @@ export class CertificateAuthority {
     return context;
   }
 
+  /** When each leaf in use (the ones held in memory) expires, for the metrics. */
+  leafExpiries(): Array<{ host: string; notAfter: Date }> {
+    return [...this.contexts].map(([host, { notAfter }]) => ({ host, notAfter: new Date(notAfter) }));
+  }
+
   mintLeaf(host: string): string {
     const cert = forge.pki.createCertificate();
     cert.publicKey = this.leafPublicKey;

@@ -10,6 +10,7 @@ import { fetchStats, formatStats } from './commands/stats.ts';
 import { warm } from './commands/warm.ts';
 import { createLogger } from './log.ts';
 import { startProxy, VERSION } from './server.ts';
+import { startTracing, tracingEnabled } from './tracing.ts';
 
 const program = new Command('pullthrough')
   .description('A caching HTTPS proxy for container registries')
@@ -22,6 +23,17 @@ program
   .action(async () => {
     const policy = loadPolicyOrExit();
     const log = createLogger();
+    // OpenTelemetry traces, when OTEL_TRACES_EXPORTER or an OTLP endpoint says so (else nothing is loaded).
+    let stopTracing = async () => {};
+    if (tracingEnabled()) {
+      try {
+        stopTracing = await startTracing();
+        const env = process.env;
+        log.info('tracing: spans are exported', { exporter: env.OTEL_TRACES_EXPORTER ?? 'otlp', protocol: env.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL ?? env.OTEL_EXPORTER_OTLP_PROTOCOL ?? 'http/protobuf' });
+      } catch (err) {
+        log.warn('tracing could not start; running without it', { error: (err as Error).message });
+      }
+    }
     let proxy: Awaited<ReturnType<typeof startProxy>>;
     try {
       proxy = await startProxy(policy, log);
@@ -33,7 +45,9 @@ program
       log.info('stopping', { signal });
       const forced = setTimeout(() => process.exit(1), 10_000);
       forced.unref();
-      void proxy.close().then(() => process.exit(0));
+      // The last spans are exported before the exit, but a collector that does not answer cannot hold it.
+      const flushed = () => Promise.race([stopTracing().catch(() => {}), new Promise((resolve) => setTimeout(resolve, 3_000).unref())]);
+      void proxy.close().then(flushed).then(() => process.exit(0));
     };
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));

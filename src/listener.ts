@@ -73,6 +73,12 @@ export function createFront(deps: FrontDeps): Front {
         deps.sessions.accept(socket, head, target, decision.registry, client);
         return;
       case 'tunnel':
+        // Never back into the proxy itself: through a tunnel the admin surface would see a loopback client.
+        if (target.port === (server.address() as { port?: number } | null)?.port && isLocalName(target.host)) {
+          refuse(socket, 403, 'Forbidden', 'a tunnel to the proxy itself is not allowed');
+          logConnect(403, { error: 'tunnel to the proxy itself' });
+          return;
+        }
         void tunnel(socket, head, target, { lookup: deps.lookup, connectTimeoutMs: policy.tunnel.connectTimeoutMs, idleTimeoutMs: policy.tunnel.idleTimeoutMs }).then((result) =>
           logConnect(result.status, { cache: 'TUNNEL', bytes: result.received, ...(result.error ? { error: result.error } : {}) }),
         );
@@ -156,4 +162,9 @@ function bodyBytes(res: http.ServerResponse): number {
 function refuse(socket: Duplex, status: number, reason: string, message: string): void {
   const body = `pullthrough: ${message}\n`;
   socket.end(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}
+
+/** Names that reach this host: loopback addresses, localhost, and the unspecified addresses. */
+function isLocalName(host: string): boolean {
+  return host === 'localhost' || host.endsWith('.localhost') || /^127\./.test(host) || host === '::1' || host === '0.0.0.0' || host === '::' || /^::ffff:127\./.test(host);
 }

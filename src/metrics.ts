@@ -12,6 +12,8 @@ export interface LiveState {
   evictions(): { blobs: number; bytes: number };
   rateLimits(): Iterable<[string, { limit?: number; remaining?: number }]>;
   caNotAfter(): Date;
+  /** The leaf certificates in use, by the name they were minted for. */
+  leafExpiries(): Iterable<{ host: string; notAfter: Date }>;
 }
 
 export interface Metrics {
@@ -24,7 +26,7 @@ const SAVED = new Set(['HIT', 'JOINED', 'STALE', 'REVALIDATED']);
 
 export function createMetrics(live: LiveState): Metrics {
   const registry = new Registry();
-  collectDefaultMetrics({ register: registry, prefix: 'pullthrough_process_' });
+  collectDefaultMetrics({ register: registry, prefix: 'pullthrough_' });
   const labels = ['registry', 'type', 'cache'] as const;
   const requests = new Counter({ name: 'pullthrough_requests_total', help: 'Client requests by registry, request type, cache status and status class', labelNames: [...labels, 'status'], registers: [registry] });
   const bytes = new Counter({ name: 'pullthrough_response_bytes_total', help: 'Body bytes sent to clients', labelNames: labels, registers: [registry] });
@@ -47,6 +49,17 @@ export function createMetrics(live: LiveState): Metrics {
     },
   });
   new Gauge({ name: 'pullthrough_ca_expiry_timestamp_seconds', help: 'When the proxy CA expires (Unix time)', registers: [registry], collect() { this.set(Math.floor(live.caNotAfter().getTime() / 1000)); } });
+  // Leaves are minted again a week before they expire, so min() of these going below that means renewal is failing.
+  new Gauge({
+    name: 'pullthrough_leaf_expiry_timestamp_seconds',
+    help: 'When the leaf certificate the proxy presents for a host expires (Unix time); min() is the earliest',
+    labelNames: ['host'],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const leaf of live.leafExpiries()) this.set({ host: leaf.host }, Math.floor(leaf.notAfter.getTime() / 1000));
+    },
+  });
 
   return {
     registry,
@@ -56,7 +69,20 @@ export function createMetrics(live: LiveState): Metrics {
       requests.inc({ ...base, status: `${Math.floor(entry.status / 100)}xx` });
       bytes.inc(base, entry.bytes);
       if (SAVED.has(base.cache)) saved.inc({ registry: entry.host }, entry.bytes);
-      if (entry.upstreamStatus !== undefined) upstream.inc({ registry: entry.host, status: String(entry.upstreamStatus) });
+      const upstreamStatus = upstreamStatusOf(entry);
+      if (upstreamStatus !== undefined) upstream.inc({ registry: entry.host, status: String(upstreamStatus) });
     },
   };
+}
+
+/**
+ * The upstream response a request cost, if any. A JOINED client shares its leader's fill: that one
+ * upstream response is counted once, with the leader. A leader's blob GET served from its fill carries
+ * no upstream status in its entry: the fill had upstream's 200 (after any redirects) when it served it.
+ */
+function upstreamStatusOf(entry: AccessEntry): number | undefined {
+  if (entry.cache === 'JOINED') return undefined;
+  if (entry.upstreamStatus !== undefined) return entry.upstreamStatus;
+  if (entry.type === 'blob' && entry.cache === 'MISS' && entry.method === 'GET' && (entry.status === 200 || entry.status === 206)) return 200;
+  return undefined;
 }

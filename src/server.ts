@@ -86,6 +86,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     evictions: () => store.evictions,
     rateLimits: () => rateLimits.all(),
     caNotAfter: () => ca.notAfter,
+    leafExpiries: () => ca.leafExpiries(),
   });
   const workersHealthy = () => pool.health().then(() => 'ok', (err: Error) => err.message);
   const admin = createAdminHandler({

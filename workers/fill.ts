@@ -7,7 +7,9 @@ import { createHash, type Hash } from 'node:crypto';
 import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
+import type { Span } from '@opentelemetry/api';
 import type { Dispatcher } from 'undici';
+import { contextFrom, contextWith, endSpan, flushTracing, startTracing, startUpstreamSpan, tracingEnabled } from '../src/tracing.ts';
 import { preloadTrust, UpstreamAgents, type UpstreamConfig } from '../src/upstream/agents.ts';
 import { positionAt, readable } from '../src/upstream/body.ts';
 import { requestFollowingRedirects, urlForLog } from '../src/upstream/redirects.ts';
@@ -26,22 +28,33 @@ const MAX_ERROR_BODY = 64 * 1024;
 
 const agents = new UpstreamAgents();
 
+// Each worker thread has its own SDK (the environment is the primary's): its spans are children of the
+// fill's span in the primary, whose context comes with the task.
+const tracing = tracingEnabled();
+if (tracing) await startTracing('pullthrough');
+
 export default async function fill(task: FillTask | 'warm-up'): Promise<void> {
   // Run once per worker at start: the module, undici and the CA stores are loaded before a client waits.
   if (task === 'warm-up') return preloadTrust();
   const port = task.port;
   const send = (message: FillMessage) => port.postMessage(message);
+  const attempts = { count: 0 };
   let outcome: FillOutcome;
   try {
-    outcome = await runFill(task, send);
+    outcome = await runFill(task, send, attempts);
   } catch (err) {
     outcome = { kind: 'failed', reason: (err as Error).message, offset: 0 };
   }
   // The outcome travels on the same port as the progress, so it can never overtake it.
-  send({ type: 'end', outcome });
+  send({ type: 'end', outcome, resumes: Math.max(0, attempts.count - 1) });
+  // Each fill's spans go out before its task ends: between tasks Piscina pauses the thread (Atomics.wait,
+  // so no export timer runs), and its close terminates workers without a shutdown. The clients do not
+  // wait for this: the outcome is sent already.
+  if (tracing) await flushTracing();
 }
 
-async function runFill(task: FillTask, send: (m: FillMessage) => void): Promise<FillOutcome> {
+async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts: { count: number }): Promise<FillOutcome> {
+  const parent = contextFrom(task.trace);
   const dispatcher = agents.for(task.upstream);
   const algorithm = task.digest.startsWith('sha512:') ? 'sha512' : 'sha256';
   const expectedHex = task.digest.slice(task.digest.indexOf(':') + 1);
@@ -53,45 +66,59 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void): Promise<
   try {
     for (let attempt = 0; ; attempt++) {
       const offset = writer.written;
-      const headers: Record<string, string> = { ...task.headers, ...(offset > 0 ? { range: `bytes=${offset}-` } : {}) };
-      let followed;
+      attempts.count = attempt + 1;
+      // One span per upstream request (the first, then each resume), from the request to its last byte.
+      const start = new URL(task.path, task.upstream.origin);
+      const span = startUpstreamSpan('GET', () => urlForLog(start), { 'pullthrough.digest': task.digest, 'pullthrough.attempt': attempt, ...(offset > 0 ? { 'pullthrough.range.start': offset } : {}) }, parent);
+      const spanned = new AttemptSpan(span, writer);
       try {
-        followed = await requestFollowingRedirects(dispatcher, new URL(task.path, task.upstream.origin), { method: 'GET', headers });
-      } catch (err) {
-        if (attempt < MAX_RESUMES && offset > 0) continue; // a cut before the resumed response: try again
-        return { kind: 'failed', reason: `upstream unreachable: ${describe(err)}`, offset };
-      }
-      const { response, url, hops } = followed;
-      if (offset === 0) {
-        if (response.statusCode !== 200) return upstreamStatus(response);
-        size = contentLength(response.headers);
-        // The file exists before anyone is told, so every reader can open it. A retry from byte 0 (cut
-        // before the first byte) writes into the same file.
+        const headers: Record<string, string> = { ...task.headers, ...(offset > 0 ? { range: `bytes=${offset}-` } : {}) };
+        let followed;
         try {
-          file ??= await open(task.partPath, 'w', 0o644);
+          followed = await requestFollowingRedirects(dispatcher, start, { method: 'GET', headers, trace: contextWith(span, parent) });
         } catch (err) {
+          spanned.error = `upstream unreachable: ${describe(err)}`;
+          if (attempt < MAX_RESUMES && offset > 0) continue; // a cut before the resumed response: try again
+          return { kind: 'failed', reason: `upstream unreachable: ${describe(err)}`, offset };
+        }
+        const { response, url, hops } = followed;
+        spanned.answered(response.statusCode, url, hops);
+        if (offset === 0) {
+          if (response.statusCode !== 200) return upstreamStatus(response);
+          size = contentLength(response.headers);
+          // The file exists before anyone is told, so every reader can open it. A retry from byte 0 (cut
+          // before the first byte) writes into the same file.
+          try {
+            file ??= await open(task.partPath, 'w', 0o644);
+          } catch (err) {
+            response.body.destroy();
+            return { kind: 'failed', reason: `cannot create the cache file: ${describe(err)}`, offset: 0, writeError: true };
+          }
+          writer.file = file;
+          send({ type: 'response', size, mediaType: headerValue(response.headers['content-type']), hops, from: urlForLog(url) });
+        } else if (!(await positioned(response, offset))) {
           response.body.destroy();
-          return { kind: 'failed', reason: `cannot create the cache file: ${describe(err)}`, offset: 0, writeError: true };
+          spanned.error = `upstream could not resume at byte ${offset}`;
+          if (attempt < MAX_RESUMES) continue;
+          return { kind: 'failed', reason: `upstream could not resume at byte ${offset}`, offset };
         }
-        writer.file = file;
-        send({ type: 'response', size, mediaType: headerValue(response.headers['content-type']), hops, from: urlForLog(url) });
-      } else if (!(await positioned(response, offset))) {
-        response.body.destroy();
-        if (attempt < MAX_RESUMES) continue;
-        return { kind: 'failed', reason: `upstream could not resume at byte ${offset}`, offset };
-      }
-      try {
-        await writer.consume(response.body, size);
-        if (!response.body.readableEnded) response.body.destroy(); // more than announced: ignored
-        if (size === undefined || writer.written >= size) break;
-        throw new Error(`upstream ended at byte ${writer.written} of ${size}`);
-      } catch (err) {
-        if (err instanceof WriteError) {
-          response.body.destroy(); // unread, it would hold the upstream connection open for good
-          return { kind: 'failed', reason: err.message, offset: writer.written, writeError: true };
+        try {
+          await writer.consume(response.body, size);
+          if (!response.body.readableEnded) response.body.destroy(); // more than announced: ignored
+          if (size === undefined || writer.written >= size) break;
+          throw new Error(`upstream ended at byte ${writer.written} of ${size}`);
+        } catch (err) {
+          if (err instanceof WriteError) {
+            response.body.destroy(); // unread, it would hold the upstream connection open for good
+            spanned.error = err.message;
+            return { kind: 'failed', reason: err.message, offset: writer.written, writeError: true };
+          }
+          if (size !== undefined && writer.written >= size) break;
+          spanned.error = `upstream broke off at byte ${writer.written}: ${describe(err)}`;
+          if (attempt >= MAX_RESUMES) return { kind: 'failed', reason: `upstream broke off at byte ${writer.written} ${MAX_RESUMES + 1} times: ${describe(err)}`, offset: writer.written };
         }
-        if (size !== undefined && writer.written >= size) break;
-        if (attempt >= MAX_RESUMES) return { kind: 'failed', reason: `upstream broke off at byte ${writer.written} ${MAX_RESUMES + 1} times: ${describe(err)}`, offset: writer.written };
+      } finally {
+        spanned.end();
       }
     }
     if (size !== undefined && writer.written !== size) {
@@ -120,6 +147,28 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void): Promise<
 }
 
 class WriteError extends Error {}
+
+/** The span of one upstream request of a fill: its answer, and the bytes it brought into the file. */
+class AttemptSpan {
+  error: string | undefined;
+  private readonly span: Span;
+  private readonly writer: BatchWriter;
+  private readonly from: number;
+
+  constructor(span: Span, writer: BatchWriter) {
+    this.span = span;
+    this.writer = writer;
+    this.from = writer.written;
+  }
+
+  answered(status: number, url: URL, hops: number): void {
+    if (this.span.isRecording()) this.span.setAttributes({ 'http.response.status_code': status, 'pullthrough.upstream.url': urlForLog(url), 'pullthrough.hops': hops });
+  }
+
+  end(): void {
+    endSpan(this.span, { 'pullthrough.bytes': this.writer.written - this.from }, this.error);
+  }
+}
 
 /** Collects upstream chunks into ≥ 1 MiB writes, hashing each byte once, and publishes each write. */
 class BatchWriter {

@@ -12,6 +12,8 @@ export interface FillTask {
   partPath: string;
   blobPath: string;
   port: MessagePort;
+  /** The W3C traceparent of the fill's span in the primary (tracing.ts carrierOf), when tracing. */
+  trace?: Record<string, string>;
 }
 
 export type FillMessage =
@@ -21,8 +23,8 @@ export type FillMessage =
   | { type: 'progress'; bytes: number }
   /** Every byte is in and the digest matches: readers may send their last byte. */
   | { type: 'verified'; size: number }
-  /** The last message of a task. */
-  | { type: 'end'; outcome: FillOutcome };
+  /** The last message of a task; `resumes`: upstream requests after the first (for the fill's span). */
+  | { type: 'end'; outcome: FillOutcome; resumes?: number };
 
 export type FillOutcome =
   | { kind: 'committed'; size: number }

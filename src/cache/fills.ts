@@ -3,11 +3,13 @@
 // readers wait on it for bytes to exist in the growing file.
 import { EventEmitter } from 'node:events';
 import { MessageChannel } from 'node:worker_threads';
+import type { Span, SpanContext } from '@opentelemetry/api';
 import type { Logger } from '../log.ts';
 import type { WorkerPool } from '../pool.ts';
 import type { UpstreamConfig } from '../upstream/agents.ts';
 import type { Access, BlobStore, CacheLimits } from './blob-store.ts';
 import type { FillMessage, FillOutcome } from './fill-protocol.ts';
+import { carrierOf, endSpan, tracer } from '../tracing.ts';
 
 export interface FillRequest {
   digest: string;
@@ -34,6 +36,8 @@ export class Fill extends EventEmitter {
   outcome: FillOutcome | undefined;
   /** Clients that joined after the first. */
   joined = 0;
+  /** The fill's span, when tracing: the request spans of the clients that join it link to it. */
+  spanContext: SpanContext | undefined;
 
   constructor(digest: string, partPath: string, blobPath: string, access: Access) {
     super();
@@ -102,33 +106,49 @@ export class Fills {
     return this.inflight.size;
   }
 
+  /** Starts the fill; its span is a child of the active one (the request of the client that missed). */
   start(request: FillRequest): Fill {
     const fill = new Fill(request.digest, this.store.partPath(request.digest), this.store.blobPath(request.digest), request.access);
     this.inflight.set(request.digest, fill);
+    const span = tracer.startSpan('fill', { attributes: { 'pullthrough.digest': request.digest, 'pullthrough.registry': request.registry, 'pullthrough.repository': request.repository } });
+    if (span.isRecording()) fill.spanContext = span.spanContext();
     const { port1, port2 } = new MessageChannel();
     port1.on('message', (message: FillMessage) => {
       fill.apply(message);
-      if (message.type === 'response' && message.size !== undefined) {
+      if (message.type === 'response') {
+        if (span.isRecording()) span.setAttributes({ 'pullthrough.upstream.status': 200, 'pullthrough.hops': message.hops, 'pullthrough.upstream.url': message.from, ...(message.size !== undefined ? { 'pullthrough.size': message.size } : {}) });
         // Room for what is coming, while it comes; the fills in flight are never evicted.
-        void this.store.makeRoom(message.size, this.limits, new Set(this.inflight.keys())).catch(() => {});
+        if (message.size !== undefined) void this.store.makeRoom(message.size, this.limits, new Set(this.inflight.keys())).catch(() => {});
       }
       if (message.type === 'end') {
         port1.close(); // only after the task's last message
-        this.finish(request, fill, message.outcome);
+        this.finish(request, fill, message.outcome, span, message.resumes);
       }
     });
-    const task = { digest: request.digest, upstream: request.upstream, path: request.path, headers: request.headers, partPath: fill.partPath, blobPath: fill.blobPath, port: port2 };
+    const trace = carrierOf(span);
+    const task = { digest: request.digest, upstream: request.upstream, path: request.path, headers: request.headers, partPath: fill.partPath, blobPath: fill.blobPath, port: port2, ...(trace ? { trace } : {}) };
     this.pool.fill(task, [port2]).catch((err: Error) => {
       // The worker died (Piscina replaces it): its clients are cut, the next request fills again.
       if (fill.outcome) return;
       port1.close();
       fill.apply({ type: 'end', outcome: { kind: 'failed', reason: `fill worker failed: ${err.message}`, offset: fill.published } });
-      this.finish(request, fill, fill.outcome!);
+      this.finish(request, fill, fill.outcome!, span);
     });
     return fill;
   }
 
-  private finish(request: FillRequest, fill: Fill, outcome: FillOutcome): void {
+  private finish(request: FillRequest, fill: Fill, outcome: FillOutcome, span: Span, resumes?: number): void {
+    endSpan(
+      span,
+      {
+        'pullthrough.outcome': outcome.kind,
+        'pullthrough.bytes': outcome.kind === 'committed' ? outcome.size : outcome.kind === 'failed' ? outcome.offset : 0,
+        'pullthrough.joined': fill.joined,
+        ...(resumes !== undefined ? { 'pullthrough.resumes': resumes } : {}),
+        ...(outcome.kind === 'upstream-status' ? { 'pullthrough.upstream.status': outcome.status } : {}),
+      },
+      outcome.kind === 'failed' ? outcome.reason : undefined,
+    );
     const settled = () => {
       if (this.inflight.get(request.digest) === fill) this.inflight.delete(request.digest);
     };

@@ -84,9 +84,13 @@ export class ManifestStore {
     return (manifest.config?.size ?? 0) + (manifest.layers ?? []).reduce((sum, l) => sum + (l.size ?? 0), 0);
   }
 
-  /** Every manifest and tag under "<registry>/" or "<registry>/<repository>" (for purge). */
-  async purge(prefix: string): Promise<ManifestPurge> {
-    const matches = (key: string) => key.startsWith(`${prefix}@`) || key.startsWith(`${prefix}:`) || key.startsWith(`${prefix}/`);
+  /**
+   * Every manifest and tag of a registry, or of one repository of it (for purge): "team/app" is not
+   * "team/app/sub", a repository of its own.
+   */
+  async purge(registry: string, repository?: string): Promise<ManifestPurge> {
+    const prefix = repository === undefined ? `${registry}/` : `${registry}/${repository}`;
+    const matches = (key: string) => repository === undefined || key.startsWith(`${prefix}@`) || key.startsWith(`${prefix}:`);
     const bodies = [...this.bodies.getKeys({ start: prefix, end: `${prefix}\xff` })].filter(matches);
     const tags = [...this.tags.getKeys({ start: prefix, end: `${prefix}\xff` })].filter(matches);
     await Promise.all([...bodies.map((k) => this.bodies.remove(k)), ...tags.map((k) => this.tags.remove(k))]);

@@ -7,7 +7,8 @@ import type { BlobStore } from './blob-store.ts';
 import type { Fills } from './fills.ts';
 import type { ManifestStore } from './manifest-store.ts';
 
-const WAIT_FOR_READERS_MS = 30_000;
+/** How long a purge waits for clients reading the blobs it names (tests shorten it). */
+export const purgeTiming = { waitForReadersMs: 30_000 };
 
 export interface PurgeResult {
   blobs: number;
@@ -27,9 +28,9 @@ export async function purge(request: PurgeRequest, parts: { store: BlobStore; fi
       (request.digest === undefined || digest === request.digest) &&
       (registry === undefined || entry.registry === registry) &&
       (request.repository === undefined || entry.repository === request.repository),
-    WAIT_FOR_READERS_MS,
+    purgeTiming.waitForReadersMs,
   );
-  const manifests = registry ? await parts.manifests.purge(request.repository ? `${registry}/${request.repository}` : registry) : { manifests: 0, tags: 0 };
+  const manifests = registry ? await parts.manifests.purge(registry, request.repository) : { manifests: 0, tags: 0 };
   const result = { ...blobs, ...manifests, busy: [...blobs.busy, ...fetching] };
   parts.log.info('purged from the cache', { ...request, ...result });
   return result;

@@ -16,7 +16,7 @@ export function formatStats(d: DashboardData): string {
     `bytes saved:    ${size(d.totals.bytesFromCache)} of ${size(d.totals.bytes)} served`,
     `fills running:  ${d.fillsInFlight}`,
     `cache:          ${size(d.cache.bytes)} of ${size(d.cache.maxSize)} in ${d.cache.blobs} blobs`,
-    'rate limits:    ' + (d.rateLimits.length ? d.rateLimits.map((r) => `${r.registry} ${r.remaining ?? '?'}/${r.limit ?? '?'}`).join(', ') : 'none reported'),
+    'rate limits:    ' + (d.rateLimits.length ? d.rateLimits.map((r) => `${r.registry.replace(/:443$/, '')} ${r.remaining ?? '?'}/${r.limit ?? '?'}`).join(', ') : 'none reported'),
     '',
     'recent pulls:',
     ...(d.recentPulls.length ? d.recentPulls.slice(0, 10).map((p) => `  ${p.time}  ${p.cache ?? '-'}  ${size(p.bytes).padStart(10)}  ${p.client}  ${p.image}`) : ['  none yet']),

@@ -3,6 +3,7 @@
 // and Range: HEAD is the same answer without the body.
 import { open, type FileHandle } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { trace, type Context } from '@opentelemetry/api';
 import type { Dispatcher } from 'undici';
 import type { BlobStore, CacheLimits } from '../cache/blob-store.ts';
 import { drained, pumpFile, type PumpResult } from '../cache/blob-reader.ts';
@@ -11,7 +12,8 @@ import type { CacheStatus, Logger } from '../log.ts';
 import { positionAt } from '../upstream/body.ts';
 import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
 import { describeUpstreamError, forward, responseHeadersForClient } from '../upstream/forward.ts';
-import { requestFollowingRedirects } from '../upstream/redirects.ts';
+import { requestFollowingRedirects, urlForLog } from '../upstream/redirects.ts';
+import { contextWith, endSpan, startUpstreamSpan } from '../tracing.ts';
 import { sendRegistryError } from './errors.ts';
 import { parseRange } from './range.ts';
 import { checkReadAccess } from './read-access.ts';
@@ -62,7 +64,9 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
 
     if (head) {
       // HEAD stays HEAD upstream and never downloads a body.
+      const span = startUpstreamSpan('HEAD', () => blobUrl(blob));
       const result = await forward(req, res, { dispatcher, origin: blob.upstream.origin, hostHeader: blob.hostHeader }, { 'X-Cache': 'MISS' });
+      endSpan(span, result.upstreamStatus !== undefined ? { 'http.response.status_code': result.upstreamStatus } : {}, result.error);
       return { ...result, cache: 'MISS' };
     }
 
@@ -75,6 +79,8 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
     let cache: CacheStatus = 'JOINED';
     if (fill) {
       fill.joined++;
+      // The request's span points at the fill that serves it (a child of another client's request).
+      if (fill.spanContext) trace.getActiveSpan()?.addLink({ context: fill.spanContext, attributes: { 'pullthrough.link': 'joined-fill' } });
       const refused = await refuseUnlessReadable(fill.access, req, res, dispatcher, blob);
       if (refused) return refused;
     } else {
@@ -184,13 +190,18 @@ async function finishPump(req: IncomingMessage, res: ServerResponse, blob: BlobR
 
 /** The rest of a blob straight from upstream, after the response has started (the cache could not write). */
 async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, position: number, end: number | undefined): Promise<{ bytes: number; error?: string }> {
+  const span = startUpstreamSpan('GET', () => blobUrl(blob), { 'pullthrough.range.start': position });
+  const traced = (result: { bytes: number; error?: string }, status?: number) => {
+    endSpan(span, { 'pullthrough.bytes': result.bytes, ...(status !== undefined ? { 'http.response.status_code': status } : {}) }, result.error);
+    return result;
+  };
   try {
     const range = `bytes=${position}-${end === undefined ? '' : end - 1}`;
-    const { response } = await requestFollowingRedirects(dispatcher, new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin), { method: 'GET', headers: { ...fillHeaders(req), range } });
+    const { response } = await requestFollowingRedirects(dispatcher, new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin), { method: 'GET', headers: { ...fillHeaders(req), range }, trace: contextWith(span) });
     if (!(await positionAt(response.statusCode, response.headers, response.body, position))) {
       response.body.destroy();
       res.destroy();
-      return { bytes: 0, error: `upstream could not continue at byte ${position} (${response.statusCode})` };
+      return traced({ bytes: 0, error: `upstream could not continue at byte ${position} (${response.statusCode})` }, response.statusCode);
     }
     let bytes = 0;
     const limit = end === undefined ? Number.POSITIVE_INFINITY : end - position;
@@ -198,22 +209,29 @@ async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, d
       const piece = chunk.length > limit - bytes ? chunk.subarray(0, limit - bytes) : chunk;
       bytes += piece.length;
       if (!res.write(piece)) await drained(res);
-      if (res.destroyed) return { bytes, error: 'the client left' }; // leaving the loop releases upstream
+      if (res.destroyed) return traced({ bytes, error: 'the client left' }, response.statusCode); // leaving the loop releases upstream
       if (bytes >= limit) break;
     }
     res.end();
-    return { bytes };
+    return traced({ bytes }, response.statusCode);
   } catch (err) {
     res.destroy();
-    return { bytes: 0, error: describeUpstreamError(err as Error) };
+    return traced({ bytes: 0, error: describeUpstreamError(err as Error) });
   }
 }
 
 /** The whole answer from upstream, following redirects, without the cache (no room, or no file). */
 async function fromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, cache: CacheStatus): Promise<BlobResult> {
+  const span = startUpstreamSpan('GET', () => blobUrl(blob));
+  const result = await fromUpstreamTraced(req, res, dispatcher, blob, cache, contextWith(span));
+  endSpan(span, { 'pullthrough.bytes': result.bytes, ...(result.upstreamStatus !== undefined ? { 'http.response.status_code': result.upstreamStatus } : {}) }, result.error);
+  return result;
+}
+
+async function fromUpstreamTraced(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, cache: CacheStatus, parent: Context | undefined): Promise<BlobResult> {
   try {
     const headers = { ...fillHeaders(req), ...(req.headers.range ? { range: req.headers.range } : {}) };
-    const { response } = await requestFollowingRedirects(dispatcher, new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin), { method: 'GET', headers });
+    const { response } = await requestFollowingRedirects(dispatcher, new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin), { method: 'GET', headers, trace: parent });
     res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), 'X-Cache': cache });
     let bytes = 0;
     for await (const chunk of response.body as AsyncIterable<Buffer>) {
@@ -232,19 +250,28 @@ async function fromUpstream(req: IncomingMessage, res: ServerResponse, dispatche
 
 /** Cached content that upstream gave only to a client's credentials needs this client's proof. */
 async function refuseUnlessReadable(access: Parameters<typeof checkReadAccess>[0], req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest): Promise<BlobResult | undefined> {
+  if (access === 'anonymous') return undefined;
   let verdict;
+  const span = startUpstreamSpan('HEAD', () => blobUrl(blob), { 'pullthrough.purpose': 'read-access' });
   try {
     verdict = await checkReadAccess(access, req, dispatcher, blob.upstream.origin, blob.hostHeader);
   } catch (err) {
     const message = `cannot verify read access with ${blob.upstream.origin}: ${describeUpstreamError(err as Error)}`;
+    endSpan(span, {}, message);
     sendRegistryError(res, 503, 'UNAVAILABLE', message);
     return { status: 503, bytes: 0, cache: 'HIT', error: message };
   }
+  endSpan(span, verdict.allowed ? { 'pullthrough.allowed': true } : { 'http.response.status_code': verdict.status, 'pullthrough.allowed': false });
   if (verdict.allowed) return undefined;
   const body = JSON.stringify({ errors: [{ code: verdict.status === 401 ? 'UNAUTHORIZED' : 'DENIED', message: 'access to the requested resource is not authorized' }] }) + '\n';
   res.writeHead(verdict.status, { 'Content-Type': 'application/json', ...verdict.headers, 'Content-Length': Buffer.byteLength(body) });
   res.end(req.method === 'HEAD' ? undefined : body);
   return { status: verdict.status, bytes: 0, cache: 'HIT', upstreamStatus: verdict.status };
+}
+
+/** The blob's upstream URL, for spans. */
+function blobUrl(blob: BlobRequest): string {
+  return urlForLog(new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin));
 }
 
 /** What a fill sends upstream on behalf of its first client. */

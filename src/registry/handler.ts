@@ -3,16 +3,18 @@
 // It does not know about sockets or CONNECT; it gets the registry and the request.
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import path from 'node:path';
+import { SpanKind, SpanStatusCode, type Attributes, type Span } from '@opentelemetry/api';
 import type { Policy, RegistryPolicy } from '../../config/policy.ts';
 import type { Dispatcher } from 'undici';
-import { pathForLog, type CacheStatus, type Logger } from '../log.ts';
+import { pathForLog, type AccessEntry, type CacheStatus, type Logger } from '../log.ts';
+import { endSpan, startUpstreamSpan, tracer, withSpan } from '../tracing.ts';
 import { upstreamConfig, type UpstreamAgents, type UpstreamConfig } from '../upstream/agents.ts';
 import { describeUpstreamError, forward, requestHeadersForUpstream, responseHeadersForClient, type ForwardResult, type ForwardTarget } from '../upstream/forward.ts';
 import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { BlobHandler } from './blobs.ts';
 import { STALE_ON_STATUS, type ManifestHandler } from './manifests.ts';
 import { sendRegistryError } from './errors.ts';
-import { isRouteError, routeRequest } from './route.ts';
+import { isRouteError, routeRequest, type Route, type RouteError } from './route.ts';
 
 export interface RegistryRequestContext {
   registry: RegistryPolicy;
@@ -46,9 +48,34 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     const started = performance.now();
     const route = routeRequest(req.url ?? '/');
     const access = { method: req.method ?? 'GET', host: registry.key, path: pathForLog(req.url), client };
+    // One root span per client request (never a child of whatever context the socket was made in),
+    // active while it is handled, ended with the same figures as its access entry.
+    const span = tracer.startSpan(`${access.method} ${isRouteError(route) ? 'invalid' : route.kind}`, { root: true, kind: SpanKind.SERVER, attributes: requestAttributes(access, route) });
+    let logged = false;
+    const log = (entry: AccessEntry) => {
+      logged = true;
+      deps.log.access(entry);
+      endRequestSpan(span, entry);
+    };
+    try {
+      await withSpan(span, () => handle(req, res, registry, route, access, started, log));
+    } finally {
+      if (!logged) endSpan(span, {}, 'the request handler failed');
+    }
+  };
+
+  async function handle(
+    req: IncomingMessage,
+    res: ServerResponse,
+    registry: RegistryPolicy,
+    route: Route | RouteError,
+    access: { method: string; host: string; path: string; client: string },
+    started: number,
+    log: (entry: AccessEntry) => void,
+  ): Promise<void> {
     if (isRouteError(route)) {
       sendRegistryError(res, route.status, route.code, route.message);
-      deps.log.access({ ...access, status: route.status, bytes: 0, type: 'invalid', ms: elapsed(started), error: route.message });
+      log({ ...access, status: route.status, bytes: 0, type: 'invalid', ms: elapsed(started), error: route.message });
       return;
     }
     const upstream = configFor(registry);
@@ -56,17 +83,17 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     const reading = req.method === 'GET' || req.method === 'HEAD';
     if (route.kind === 'blob' && reading) {
       const result = await deps.blobs(req, res, { digest: route.digest, name: route.name, upstream, hostHeader });
-      deps.log.access({ ...access, ...result, type: 'blob', ms: elapsed(started) });
+      log({ ...access, ...result, type: 'blob', ms: elapsed(started) });
       return;
     }
     if (route.kind === 'manifest' && reading) {
       const result = await deps.manifests(req, res, { registry, upstream, hostHeader, name: route.name, reference: route.reference, byDigest: route.byDigest });
-      deps.log.access({ ...access, ...result, type: 'manifest', ms: elapsed(started) });
+      log({ ...access, ...result, type: 'manifest', ms: elapsed(started) });
       return;
     }
     if (route.kind === 'ping' && reading && deps.manifestStore.holdsAny(registry.key)) {
       const result = await ping(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader });
-      deps.log.access({ ...access, ...result, type: 'ping', ms: elapsed(started) });
+      log({ ...access, ...result, type: 'ping', ms: elapsed(started) });
       return;
     }
     // The distribution API's writes only: a POST to a token endpoint on an intercepted realm host
@@ -76,7 +103,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       // The client may be mid-upload: read nothing more of it.
       res.setHeader('Connection', 'close');
       sendRegistryError(res, 405, 'UNSUPPORTED', message);
-      deps.log.access({ ...access, status: 405, bytes: 0, cache: 'BYPASS', type: route.kind, ms: elapsed(started), error: 'push denied' });
+      log({ ...access, status: 405, bytes: 0, cache: 'BYPASS', type: route.kind, ms: elapsed(started), error: 'push denied' });
       return;
     }
     // A pushed or deleted tag: the next pull must ask upstream. Forgotten before the write goes up, so
@@ -87,10 +114,39 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     // Everything else streams through untouched, uploads included (unbuffered and unlimited, unless
     // requestBuffering asks for whole uploads first).
     const spoolDir = deps.policy.requestBuffering ? path.join(deps.policy.dataDir, 'tmp') : undefined;
+    const forwarded = startUpstreamSpan(access.method, () => `${upstream.origin}${access.path}`);
     const result = await forward(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader, ...(spoolDir ? { spoolDir } : {}) }, { 'X-Cache': 'BYPASS' });
+    endSpan(forwarded, result.upstreamStatus !== undefined ? { 'http.response.status_code': result.upstreamStatus } : {}, result.upstreamStatus === undefined ? result.error : undefined);
     if (retagging && result.status >= 200 && result.status < 300) await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
-    deps.log.access({ ...access, ...result, cache: 'BYPASS', type: route.kind, ms: elapsed(started) });
-  };
+    log({ ...access, ...result, cache: 'BYPASS', type: route.kind, ms: elapsed(started) });
+  }
+}
+
+/** What a request span says from the start: the registry, the route and what it names. No header. */
+function requestAttributes(access: { method: string; host: string; path: string; client: string }, route: Route | RouteError): Attributes {
+  const attributes: Attributes = { 'http.request.method': access.method, 'url.path': access.path, 'pullthrough.registry': access.host, 'client.address': access.client };
+  if (isRouteError(route)) return attributes;
+  attributes['pullthrough.route'] = route.kind;
+  if ('name' in route) attributes['pullthrough.repository'] = route.name;
+  if (route.kind === 'blob' || route.kind === 'referrers') attributes['pullthrough.digest'] = route.digest;
+  if (route.kind === 'manifest') attributes['pullthrough.reference'] = route.reference;
+  return attributes;
+}
+
+/** The access entry's figures on the request span, which ends with it; a 5xx marks it failed. */
+function endRequestSpan(span: Span, entry: AccessEntry): void {
+  if (span.isRecording()) {
+    span.setAttributes({
+      'http.response.status_code': entry.status,
+      'pullthrough.bytes': entry.bytes,
+      ...(entry.cache ? { 'pullthrough.cache': entry.cache } : {}),
+      ...(entry.upstreamStatus !== undefined ? { 'pullthrough.upstream.status': entry.upstreamStatus } : {}),
+      ...(entry.upstreamMs !== undefined ? { 'pullthrough.upstream.ms': entry.upstreamMs } : {}),
+      ...(entry.error ? { 'pullthrough.error': entry.error } : {}),
+    });
+    if (entry.status >= 500) span.setStatus({ code: SpanStatusCode.ERROR, ...(entry.error ? { message: entry.error } : {}) });
+  }
+  span.end();
 }
 
 /**
@@ -101,14 +157,18 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
  * upstream's own. With nothing cached the ping is a plain pass-through, failures and all.
  */
 async function ping(req: IncomingMessage, res: ServerResponse, target: ForwardTarget): Promise<ForwardResult & { cache: CacheStatus }> {
+  const method = req.method === 'HEAD' ? 'HEAD' : 'GET';
+  const span = startUpstreamSpan(method, () => `${target.origin}${pathForLog(req.url)}`);
   const started = performance.now();
   let response: Dispatcher.ResponseData | undefined;
   let error: string;
   try {
-    response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/v2/', method: req.method === 'HEAD' ? 'HEAD' : 'GET', headers: requestHeadersForUpstream(req, target.hostHeader) });
+    response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/v2/', method, headers: requestHeadersForUpstream(req, target.hostHeader) });
     error = `upstream answered ${response.statusCode}`;
+    endSpan(span, { 'http.response.status_code': response.statusCode });
   } catch (err) {
     error = describeUpstreamError(err as Error);
+    endSpan(span, {}, error);
   }
   const upstreamMs = Math.round(performance.now() - started);
   if (response && !STALE_ON_STATUS.has(response.statusCode)) {

@@ -12,6 +12,7 @@ import type { CacheStatus, Logger } from '../log.ts';
 import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
 import { describeUpstreamError, responseHeadersForClient } from '../upstream/forward.ts';
 import type { RateLimits } from '../upstream/rate-limits.ts';
+import { endSpan, startUpstreamSpan } from '../tracing.ts';
 import { sendRegistryError } from './errors.ts';
 import { parseDigest, type RepositoryName } from './route.ts';
 
@@ -128,14 +129,18 @@ type Confirmation =
 
 /** HEAD upstream with the client's Accept and credentials: does the reference still name `digest`? */
 async function confirm(upstream: Upstream, digest: string): Promise<Confirmation> {
+  const span = startUpstreamSpan('HEAD', () => manifestUrl(upstream.request), { 'pullthrough.purpose': upstream.request.byDigest ? 'read-access' : 'revalidate' });
   const started = performance.now();
   let response: Dispatcher.ResponseData;
   try {
     response = await upstreamRequest(upstream, 'HEAD');
   } catch (err) {
-    return { kind: 'failed', error: describeUpstreamError(err as Error) };
+    const error = describeUpstreamError(err as Error);
+    endSpan(span, {}, error);
+    return { kind: 'failed', error };
   }
   await response.body.dump();
+  endSpan(span, { 'http.response.status_code': response.statusCode });
   const upstreamMs = Math.round(performance.now() - started);
   upstream.deps.rateLimits.record(upstream.request.registry.key, response.headers);
   const headers = responseHeadersForClient(response.headers);
@@ -157,18 +162,25 @@ async function fetchAndStore(upstream: Upstream, res: ServerResponse, access: Ac
   const { req, request, deps } = upstream;
   const cache: CacheStatus = 'MISS';
   const method = req.method === 'HEAD' ? 'HEAD' : 'GET';
+  const span = startUpstreamSpan(method, () => manifestUrl(request), { 'pullthrough.purpose': 'fetch' });
   const started = performance.now();
   let response: Dispatcher.ResponseData;
   try {
     response = await upstreamRequest(upstream, method);
   } catch (err) {
     const message = describeUpstreamError(err as Error);
+    endSpan(span, {}, message);
     sendRegistryError(res, 502, 'UNAVAILABLE', `upstream ${request.upstream.origin} failed: ${message}`);
     return { status: 502, bytes: 0, cache, error: message };
   }
   const upstreamMs = Math.round(performance.now() - started);
   deps.rateLimits.record(request.registry.key, response.headers);
-  const body = await readLimited(response.body);
+  let body: Buffer | undefined;
+  try {
+    body = await readLimited(response.body);
+  } finally {
+    endSpan(span, { 'http.response.status_code': response.statusCode, ...(body ? { 'pullthrough.bytes': body.length } : {}) }, body ? undefined : 'the body was cut or too large');
+  }
   if (body === undefined) {
     // Never relayed as a 200 with a cut body: the client would take the stub for the manifest.
     const message = `upstream sent a manifest larger than ${MAX_MANIFEST_BYTES} bytes: refused`;
@@ -200,6 +212,11 @@ async function fetchAndStore(upstream: Upstream, res: ServerResponse, access: Ac
 
 function digestOf(body: Buffer, algorithm: 'sha256' | 'sha512'): string {
   return `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
+}
+
+/** The manifest's upstream URL, for spans. */
+function manifestUrl(request: ManifestRequest): string {
+  return `${request.upstream.origin}/v2/${request.name}/manifests/${request.reference}`;
 }
 
 function upstreamRequest(upstream: Upstream, method: 'GET' | 'HEAD'): Promise<Dispatcher.ResponseData> {

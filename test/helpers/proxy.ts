@@ -27,6 +27,11 @@ export interface TestProxy {
 /**
  * `yaml` is the policy body without `listen`/`dataDir` (both are set here). `dataDir` places the data
  * elsewhere than `dir`/data (a small tmpfs, say); the caller owns it and close() leaves it.
+ *
+ * Tracing in process: set the OTEL_* variables in process.env (the pool's workers read them when they
+ * start, here) and `await startTracing()` from src/tracing.ts before this; call the shutdown it returns
+ * after close(). The SDK registers itself for the whole test process, so such a test is best alone in
+ * its file; test/tracing.test.ts runs `pullthrough start` as a child instead, as operators do.
  */
 export async function startTestProxy(yaml = '', env: NodeJS.ProcessEnv = {}, dataDir?: string): Promise<TestProxy> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-test-'));

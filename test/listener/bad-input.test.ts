@@ -54,7 +54,8 @@ registries:
 hosts:
   slow.test: 127.0.0.1
 tunnel:
-  deny: ["*.internal.test:*"]
+  allow: ["*:*"]
+  deny: ["*.internal.test:*", "example.test:25"]
 `);
   });
 
@@ -88,6 +89,14 @@ tunnel:
       await stillServing();
     });
   }
+
+  test('a CONNECT back into the proxy itself → 403 (the admin surface must not see a tunnelled client as local)', async () => {
+    for (const host of ['127.0.0.1', 'localhost', '[::1]']) {
+      const { text } = await exchange(proxy.port, `CONNECT ${host}:${proxy.port} HTTP/1.1\r\nHost: x\r\n\r\n`);
+      assert.equal(statusOf(text), 403, `${host}: ${text}`);
+    }
+    await stillServing();
+  });
 
   test('a 100 KiB header → 431', async () => {
     const { text } = await exchange(proxy.port, `CONNECT slow.test:443 HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(100 * 1024)}\r\n\r\n`);
