@@ -67,3 +67,15 @@ export function formatSize(bytes: number): string {
   }
   return `${bytes}B`;
 }
+
+/** For people: "1.5 GiB", "312 B" (one decimal above bytes). */
+export function humanBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let n = bytes;
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}

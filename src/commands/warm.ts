@@ -2,6 +2,7 @@
 // client would (CONNECT, the proxy's CA, manifests, then every blob), one progress bar per layer.
 import { MultiBar, Presets } from 'cli-progress';
 import { ProxyAgent, request, type Dispatcher } from 'undici';
+import { humanBytes } from '../../config/units.ts';
 import { parseImageReference, type ImageReference } from './image-reference.ts';
 
 const MANIFEST_TYPES = [
@@ -89,7 +90,7 @@ async function warmImage(ref: ImageReference, image: string, agent: Dispatcher, 
       }
     }),
   );
-  options.out(`${image}: ${summary.manifests} manifests, ${summary.blobs} blobs, ${formatBytes(summary.bytes)} (${Object.entries(summary.cache).map(([k, v]) => `${v} ${k}`).join(', ')})`);
+  options.out(`${image}: ${summary.manifests} manifests, ${summary.blobs} blobs, ${humanBytes(summary.bytes)} (${Object.entries(summary.cache).map(([k, v]) => `${v} ${k}`).join(', ')})`);
   return summary;
 }
 
@@ -159,14 +160,4 @@ class RegistryClient {
     if (!token) throw new Error(`the token service ${url.host} gave no token (${response.statusCode})`);
     return token;
   }
-}
-
-function formatBytes(n: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
