@@ -13,7 +13,7 @@
 // direct download's (direct-1); all N done within 1.1× a single cold download's time (cold-1).
 import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../config/units.ts';
-import { cleanupAll, makeTempDir } from './lib/cleanup.ts';
+import { runBenchmark, makeTempDir } from './lib/cleanup.ts';
 import { waitForCacheHit } from './lib/curl.ts';
 import { describeEnvironment, environmentLine, MIB, percent, progressTo } from './lib/measure.ts';
 import { directBlobRoute, proxiedBlobRoute, startOrigin, type Origin } from './lib/origin.ts';
@@ -319,11 +319,4 @@ async function main(): Promise<void> {
   process.stdout.write(JSON.stringify(roundNumbers(result)) + '\n');
 }
 
-try {
-  await main();
-} catch (err) {
-  progress(`failed: ${(err as Error).stack ?? String(err)}`);
-  process.exitCode = 1;
-} finally {
-  cleanupAll();
-}
+await runBenchmark(main, progress);

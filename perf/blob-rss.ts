@@ -20,7 +20,7 @@ import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../config/units.ts';
-import { cleanupAll, makeTempDir } from './lib/cleanup.ts';
+import { runBenchmark, makeTempDir } from './lib/cleanup.ts';
 import { waitForCacheHit } from './lib/curl.ts';
 import { describeEnvironment, environmentLine, GIB, progressTo } from './lib/measure.ts';
 import { proxiedBlobRoute, startOrigin, type Origin } from './lib/origin.ts';
@@ -274,11 +274,4 @@ async function main(): Promise<void> {
   process.stdout.write(JSON.stringify(roundNumbers(result)) + '\n');
 }
 
-try {
-  await main();
-} catch (err) {
-  progress(`failed: ${(err as Error).stack ?? String(err)}`);
-  process.exitCode = 1;
-} finally {
-  cleanupAll();
-}
+await runBenchmark(main, progress);

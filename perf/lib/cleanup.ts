@@ -134,3 +134,15 @@ function installHooks(): void {
     process.on(signal, onSignal);
   }
 }
+
+/** Runs a benchmark's main: a failure is reported and sets the exit code; cleanup runs however it ends. */
+export async function runBenchmark(main: () => Promise<void>, progress: (message: string) => void): Promise<void> {
+  try {
+    await main();
+  } catch (err) {
+    progress(`failed: ${(err as Error).stack ?? String(err)}`);
+    process.exitCode = 1;
+  } finally {
+    cleanupAll();
+  }
+}

@@ -8,7 +8,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../../config/units.ts';
 import type { Blob } from './blob.ts';
-import { cleanupAll, makeTempDir } from './cleanup.ts';
+import { makeTempDir, runBenchmark } from './cleanup.ts';
 import { runClients, type CurlRoute } from './curl.ts';
 import {
   describeEnvironment,
@@ -132,14 +132,7 @@ export function parseSideBySideOptions(name: string, argv: string[]): SideBySide
 /** The whole benchmark: set up, prepare, warm up, measure, report; cleans up however it ends. */
 export async function runSideBySide(config: SideBySideConfig, argv: string[]): Promise<void> {
   const progress = progressTo(config.name);
-  try {
-    await main(config, parseSideBySideOptions(config.name, argv), progress);
-  } catch (err) {
-    progress(`failed: ${(err as Error).stack ?? String(err)}`);
-    process.exitCode = 1;
-  } finally {
-    cleanupAll();
-  }
+  await runBenchmark(() => main(config, parseSideBySideOptions(config.name, argv), progress), progress);
 }
 
 async function main(config: SideBySideConfig, options: SideBySideOptions, progress: (message: string) => void): Promise<void> {

@@ -197,23 +197,14 @@ async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, d
   };
   try {
     const range = `bytes=${position}-${end === undefined ? '' : end - 1}`;
-    const { response } = await requestFollowingRedirects(dispatcher, new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin), { method: 'GET', headers: { ...fillHeaders(req), range }, trace: contextWith(span) });
+    const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers: { ...fillHeaders(req), range }, trace: contextWith(span) });
     if (!(await positionAt(response.statusCode, response.headers, response.body, position))) {
       response.body.destroy();
       res.destroy();
       return traced({ bytes: 0, error: `upstream could not continue at byte ${position} (${response.statusCode})` }, response.statusCode);
     }
-    let bytes = 0;
-    const limit = end === undefined ? Number.POSITIVE_INFINITY : end - position;
-    for await (const chunk of response.body as AsyncIterable<Buffer>) {
-      const piece = chunk.length > limit - bytes ? chunk.subarray(0, limit - bytes) : chunk;
-      bytes += piece.length;
-      if (!res.write(piece)) await drained(res);
-      if (res.destroyed) return traced({ bytes, error: 'the client left' }, response.statusCode); // leaving the loop releases upstream
-      if (bytes >= limit) break;
-    }
-    res.end();
-    return traced({ bytes }, response.statusCode);
+    const { bytes, left } = await relayBody(response.body, res, end === undefined ? Number.POSITIVE_INFINITY : end - position);
+    return traced(left ? { bytes, error: 'the client left' } : { bytes }, response.statusCode);
   } catch (err) {
     res.destroy();
     return traced({ bytes: 0, error: describeUpstreamError(err as Error) });
@@ -231,16 +222,10 @@ async function fromUpstream(req: IncomingMessage, res: ServerResponse, dispatche
 async function fromUpstreamTraced(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, cache: CacheStatus, parent: Context | undefined): Promise<BlobResult> {
   try {
     const headers = { ...fillHeaders(req), ...(req.headers.range ? { range: req.headers.range } : {}) };
-    const { response } = await requestFollowingRedirects(dispatcher, new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin), { method: 'GET', headers, trace: parent });
+    const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers, trace: parent });
     res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), 'X-Cache': cache });
-    let bytes = 0;
-    for await (const chunk of response.body as AsyncIterable<Buffer>) {
-      bytes += chunk.length;
-      if (!res.write(chunk)) await drained(res);
-      if (res.destroyed) return { status: response.statusCode, bytes, cache, upstreamStatus: response.statusCode, error: 'the client left' };
-    }
-    res.end();
-    return { status: response.statusCode, bytes, cache, upstreamStatus: response.statusCode };
+    const { bytes, left } = await relayBody(response.body, res);
+    return { status: response.statusCode, bytes, cache, upstreamStatus: response.statusCode, ...(left ? { error: 'the client left' } : {}) };
   } catch (err) {
     const message = describeUpstreamError(err as Error);
     sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${message}`);
@@ -270,8 +255,29 @@ async function refuseUnlessReadable(access: Parameters<typeof checkReadAccess>[0
 }
 
 /** The blob's upstream URL, for spans. */
+function blobUpstreamUrl(blob: BlobRequest): URL {
+  return new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin);
+}
+
 function blobUrl(blob: BlobRequest): string {
-  return urlForLog(new URL(`/v2/${blob.name}/blobs/${blob.digest}`, blob.upstream.origin));
+  return urlForLog(blobUpstreamUrl(blob));
+}
+
+/**
+ * Copies an upstream body to the client, at most `limit` bytes, then ends the response. Stops early
+ * (leaving the loop releases upstream) when the client has gone.
+ */
+async function relayBody(body: AsyncIterable<Buffer>, res: ServerResponse, limit = Number.POSITIVE_INFINITY): Promise<{ bytes: number; left: boolean }> {
+  let bytes = 0;
+  for await (const chunk of body) {
+    const piece = chunk.length > limit - bytes ? chunk.subarray(0, limit - bytes) : chunk;
+    bytes += piece.length;
+    if (!res.write(piece)) await drained(res);
+    if (res.destroyed) return { bytes, left: true };
+    if (bytes >= limit) break;
+  }
+  res.end();
+  return { bytes, left: false };
 }
 
 /** What a fill sends upstream on behalf of its first client. */
