@@ -25,6 +25,7 @@ export function describePolicy(policy: Policy): string {
       r.key,
       {
         ...(r.http ? { http: true } : {}),
+        ...(r.tokenServiceFor.length > 0 ? { tokenServiceFor: r.tokenServiceFor } : {}),
         push: r.push,
         tls: { verify: r.tls.verify, ...(r.tls.caFile ? { ca: r.tls.caFile } : {}) },
         ...(r.auth
@@ -39,7 +40,7 @@ export function describePolicy(policy: Policy): string {
     source: policy.source,
     listen: `${policy.listen.host.includes(':') ? `[${policy.listen.host}]` : policy.listen.host}:${policy.listen.port}`,
     dataDir: policy.dataDir,
-    cache: { maxSize: formatSize(policy.cache.maxSize), minFree: formatSize(policy.cache.minFree) },
+    cache: { maxSize: formatSize(policy.cache.maxSize), minFree: formatSize(policy.cache.minFree), readCheckTtl: formatDuration(policy.cache.readCheckTtlMs) },
     manifests: manifests(policy.manifests),
     defaults: { push: policy.defaults.push, tls: { verify: policy.defaults.tlsVerify }, timeouts: timeouts(policy.defaults.timeouts) },
     registries,

@@ -45,6 +45,7 @@ export function loadPolicy(options: LoadOptions = {}): Policy {
   }
   const policy = parsePolicy(text, source, env, explicit || existsSync(file) ? path.dirname(file) : cwd);
   applySeedEnvironment(policy, env);
+  linkTokenServices(policy);
   if (env.PULLTHROUGH_LISTEN) policy.listen = parseListen(env.PULLTHROUGH_LISTEN, (m) => { throw new ConfigError(`PULLTHROUGH_LISTEN: ${m}`); });
   if (env.PULLTHROUGH_DATA_DIR) policy.dataDir = path.resolve(cwd, env.PULLTHROUGH_DATA_DIR);
   return policy;
@@ -68,7 +69,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   const listenCursor = at('listen');
   const listen = listenCursor.present ? parseListen(listenCursor.string(), (m) => listenCursor.fail(m)) : { host: '0.0.0.0', port: 3128 };
 
-  const cache = at('cache').entries(['maxSize', 'minFree']);
+  const cache = at('cache').entries(['maxSize', 'minFree', 'readCheckTtl']);
   const manifests = parseManifests(at('manifests'), defaultManifestPolicy());
   const defaultsMap = at('defaults').entries(['push', 'timeouts', 'tls']);
   const defaultTls = (defaultsMap.get('tls') ?? new Cursor(null, 'defaults.tls', src)).entries(['verify']);
@@ -85,6 +86,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
     cache: {
       maxSize: cache.get('maxSize')?.size() ?? 32 * 1024 ** 3,
       minFree: cache.get('minFree')?.size() ?? 1024 ** 3,
+      readCheckTtlMs: cache.get('readCheckTtl')?.durationMs() ?? 60_000,
     },
     manifests,
     defaults,
@@ -201,6 +203,7 @@ function parseRegistry(name: string, cursor: Cursor, policy: Policy, resolvePath
     host,
     port,
     http: fields.get('http')?.boolean() ?? false,
+    tokenServiceFor: [],
     tls: { verify: tls.get('verify')?.boolean() ?? policy.defaults.tlsVerify, ...(caFile ? { caFile, caPem } : {}) },
     push: fields.get('push')?.oneOf(['deny', 'bypass'] as const) ?? policy.defaults.push,
     timeouts: parseTimeouts(fields.get('timeouts'), policy.defaults.timeouts),
@@ -220,8 +223,39 @@ function parseCredentials(cursor: Cursor, resolvePath: (p: string) => string): C
   const username = a.get('username')?.string() ?? '';
   if (!username) return undefined;
   const password = readPassword(cursor, a.get('password'), a.get('passwordFile'), resolvePath);
-  const realm = a.get('realm')?.string();
+  const realmCursor = a.get('realm');
+  const realm = realmCursor?.present ? parseRealm(realmCursor.string(), (m) => realmCursor.fail(m)) : undefined;
   return { username, password, ...(realm ? { realm } : {}) };
+}
+
+/** "auth.docker.io", "gitlab.example.com:8443" or a URL such as "https://auth.docker.io/token" → host[:port]. */
+export function parseRealm(text: string, fail: (message: string) => never): string {
+  const hostPort = /^https?:\/\//.test(text) ? new URL(text).host : text;
+  const match = /^([A-Za-z0-9.-]+|\[[0-9a-fA-F:.]+\])(?::(\d{1,5}))?$/.exec(hostPort);
+  if (!match || Number(match[2] ?? 443) > 65535) fail(`"${text}" is not a token service host (examples: auth.docker.io, gitlab.example.com:8443)`);
+  return hostPort.toLowerCase();
+}
+
+/**
+ * Each registry's token service host (auth.realm) is intercepted too, so the central credentials can be
+ * put into the token requests of clients that have none. A realm that is not a registry of its own gets
+ * an entry with the registry's TLS trust and timeouts (check-config shows it).
+ */
+export function linkTokenServices(policy: Policy): void {
+  for (const registry of [...policy.registries.values()]) {
+    if (!registry.auth?.realm) continue;
+    const url = new URL(`https://${registry.auth.realm}`);
+    const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
+    const port = Number(url.port || 443);
+    const key = registryKey(host, port);
+    if (key === registry.key) continue;
+    let realm = policy.registries.get(key);
+    if (!realm) {
+      realm = { key, host, port, http: false, tokenServiceFor: [], tls: { ...registry.tls }, push: 'deny', timeouts: registry.timeouts, manifests: registry.manifests };
+      policy.registries.set(key, realm);
+    }
+    if (!realm.tokenServiceFor.includes(registry.key)) realm.tokenServiceFor.push(registry.key);
+  }
 }
 
 function readPassword(owner: Cursor, password: Cursor | undefined, passwordFile: Cursor | undefined, resolvePath: (p: string) => string): string {

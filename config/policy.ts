@@ -32,7 +32,7 @@ export interface ManifestPolicy {
 }
 
 export interface Credentials {
-  /** Host of the token service when it is not the registry itself (auth.docker.io for Docker Hub). */
+  /** host[:port] of the token service when it is not the registry itself (auth.docker.io for Docker Hub). */
   realm?: string;
   username: string;
   password: string;
@@ -48,6 +48,11 @@ export interface RegistryPolicy {
   /** Plain-HTTP registry: reached by absolute-form requests (HTTP_PROXY), never intercepted TLS. */
   http: boolean;
   auth?: Credentials;
+  /**
+   * Registries (keys) whose token service this host is: it is intercepted so that a client's token
+   * request without credentials of its own gets theirs. Empty for most registries.
+   */
+  tokenServiceFor: string[];
   tls: { caFile?: string; caPem?: string; verify: boolean };
   push: PushMode;
   timeouts: Timeouts;
@@ -71,7 +76,12 @@ export interface Policy {
   source: string;
   listen: Listen;
   dataDir: string;
-  cache: { maxSize: number; minFree: number };
+  cache: {
+    maxSize: number;
+    minFree: number;
+    /** How long "these credentials may read this private cached object" is believed, per credential. */
+    readCheckTtlMs: number;
+  };
   manifests: ManifestPolicy;
   defaults: { push: PushMode; timeouts: Timeouts; tlsVerify: boolean };
   /** Keyed by "host:port". */

@@ -149,6 +149,7 @@ function ensureRegistry(policy: Policy, name: string): RegistryPolicy {
       host: host.toLowerCase(),
       port,
       http: false,
+      tokenServiceFor: [],
       tls: { verify: policy.defaults.tlsVerify },
       push: policy.defaults.push,
       timeouts: policy.defaults.timeouts,

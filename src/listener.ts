@@ -11,6 +11,7 @@ import { registryKey, type Policy } from '../config/policy.ts';
 import type { AdminHandler } from './admin/index.ts';
 import { decide, parseTarget } from './connect.ts';
 import { pathForLog, type Logger } from './log.ts';
+import { authenticateProxyUser } from './proxy-users.ts';
 import type { RegistryHandler } from './registry/handler.ts';
 import type { InterceptedSessions } from './session.ts';
 import { tunnel } from './tunnel.ts';
@@ -63,6 +64,13 @@ export function createFront(deps: FrontDeps): Front {
       logConnect(400, { error: target.error });
       return;
     }
+    const proxyAuth = authenticateProxyUser(policy, req.headers['proxy-authorization']);
+    if (proxyAuth.kind === 'refused') {
+      refuse(socket, 407, 'Proxy Authentication Required', proxyAuth.reason, PROXY_AUTHENTICATE);
+      logConnect(407, { error: proxyAuth.reason, ...(proxyAuth.user !== undefined ? { user: proxyAuth.user } : {}) });
+      return;
+    }
+    const user = proxyAuth.kind === 'user' ? proxyAuth.user : undefined;
     const decision = decide(policy, target);
     switch (decision.kind) {
       case 'deny':
@@ -70,7 +78,7 @@ export function createFront(deps: FrontDeps): Front {
         logConnect(403, { error: decision.reason });
         return;
       case 'intercept':
-        deps.sessions.accept(socket, head, target, decision.registry, client);
+        deps.sessions.accept(socket, head, target, decision.registry, client, user);
         return;
       case 'tunnel':
         // Never back into the proxy itself: through a tunnel the admin surface would see a loopback client.
@@ -80,7 +88,7 @@ export function createFront(deps: FrontDeps): Front {
           return;
         }
         void tunnel(socket, head, target, { lookup: deps.lookup, connectTimeoutMs: policy.tunnel.connectTimeoutMs, idleTimeoutMs: policy.tunnel.idleTimeoutMs }).then((result) =>
-          logConnect(result.status, { cache: 'TUNNEL', bytes: result.received, ...(result.error ? { error: result.error } : {}) }),
+          logConnect(result.status, { cache: 'TUNNEL', bytes: result.received, ...(user ? { user: user.name } : {}), ...(result.error ? { error: result.error } : {}) }),
         );
         return;
     }
@@ -142,8 +150,13 @@ function forwardPlainHttp(req: http.IncomingMessage, res: http.ServerResponse, d
       `pullthrough forwards plain HTTP only to registries marked "http: true" in proxy.yaml; ${url.host} is not one. Use HTTPS (CONNECT) instead.`,
     );
   }
+  const proxyAuth = authenticateProxyUser(deps.policy, req.headers['proxy-authorization']);
+  if (proxyAuth.kind === 'refused') {
+    res.setHeader('Proxy-Authenticate', PROXY_AUTHENTICATE_VALUE);
+    return plainRefusal(res, 407, proxyAuth.reason);
+  }
   req.url = `${url.pathname}${url.search}`;
-  void deps.registryHandler(req, res, { registry, client: req.socket.remoteAddress ?? '' });
+  void deps.registryHandler(req, res, { registry, client: req.socket.remoteAddress ?? '', ...(proxyAuth.kind === 'user' ? { user: proxyAuth.user } : {}) });
   return undefined;
 }
 
@@ -158,10 +171,13 @@ function bodyBytes(res: http.ServerResponse): number {
   return res.req.method === 'HEAD' ? 0 : Number(res.getHeader('content-length') ?? 0);
 }
 
+const PROXY_AUTHENTICATE_VALUE = 'Basic realm="pullthrough", charset="UTF-8"';
+const PROXY_AUTHENTICATE = `Proxy-Authenticate: ${PROXY_AUTHENTICATE_VALUE}\r\n`;
+
 /** An error answer on a raw socket (before or instead of any HTTP exchange), then close. */
-function refuse(socket: Duplex, status: number, reason: string, message: string): void {
+function refuse(socket: Duplex, status: number, reason: string, message: string, extraHeaders = ''): void {
   const body = `pullthrough: ${message}\n`;
-  socket.end(`HTTP/1.1 ${status} ${reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\n${extraHeaders}Content-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
 }
 
 /** Names that reach this host: loopback addresses, localhost, and the unspecified addresses. */

@@ -16,6 +16,8 @@ export interface AccessEntry {
   cache?: CacheStatus;
   type?: string;
   client?: string;
+  /** The proxy user, when users are configured (never a credential). */
+  user?: string;
   ms: number;
   error?: string;
 }

@@ -23,6 +23,9 @@ import { createRegistryHandler } from './registry/handler.ts';
 import { createLookup } from './resolver.ts';
 import { InterceptedSessions } from './session.ts';
 import { preloadTrust, UpstreamAgents } from './upstream/agents.ts';
+import { TokenExchange } from './upstream/token-exchange.ts';
+import { ReadAccess } from './registry/read-access.ts';
+import { UpstreamAuth } from './registry/upstream-auth.ts';
 
 const CA_EXPIRY_WARNING_MS = 30 * 86_400_000;
 
@@ -72,11 +75,14 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const store = new BlobStore(policy.dataDir, index.root, log);
   await store.start();
   const fills = new Fills(pool, store, policy.cache, log);
-  const blobs = createBlobHandler({ store, fills, upstreams, limits: policy.cache, log });
+  const auth = new UpstreamAuth(new TokenExchange(), upstreams, log);
+  const readAccess = new ReadAccess(auth, upstreams, policy.cache.readCheckTtlMs, policy.users.size > 0);
+  const blobs = createBlobHandler({ store, fills, upstreams, auth, readAccess, limits: policy.cache, log });
   const manifestStore = new ManifestStore(index.root);
   const rateLimits = new RateLimits();
-  const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, log });
-  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, log });
+  const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, auth, readAccess, log });
+  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, auth, log });
+  warnAboutSharedCredentials(policy, log);
   const sessions = new InterceptedSessions(ca, registryHandler, log);
   const listenHost = policy.listen.host;
   metrics = createMetrics({
@@ -123,4 +129,16 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
       await index.close();
     },
   };
+}
+
+/** R6.2: what central credentials fetch is the operator's to share; say so, once, at start. */
+function warnAboutSharedCredentials(policy: Policy, log: Logger): void {
+  for (const registry of policy.registries.values()) {
+    if (!registry.auth) continue;
+    if (policy.users.size > 0) {
+      log.info('content fetched with central credentials is served to proxy users whose read rules match', { registry: registry.key });
+    } else {
+      log.warn('content fetched with central credentials is served to every client of the proxy (configure users: to restrict it)', { registry: registry.key });
+    }
+  }
 }

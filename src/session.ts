@@ -4,7 +4,7 @@
 import http from 'node:http';
 import tls from 'node:tls';
 import type { Duplex } from 'node:stream';
-import type { RegistryPolicy } from '../config/policy.ts';
+import type { ProxyUser, RegistryPolicy } from '../config/policy.ts';
 import type { CertificateAuthority } from './ca.ts';
 import type { Target } from './connect.ts';
 import type { Logger } from './log.ts';
@@ -13,6 +13,8 @@ import type { RegistryHandler } from './registry/handler.ts';
 interface SessionInfo {
   registry: RegistryPolicy;
   client: string;
+  /** Who authenticated the CONNECT, when proxy users are configured. */
+  user: ProxyUser | undefined;
   requests: number;
 }
 
@@ -29,7 +31,7 @@ export class InterceptedSessions {
     this.log = log;
   }
 
-  accept(socket: Duplex, head: Buffer, target: Target, registry: RegistryPolicy, client: string): void {
+  accept(socket: Duplex, head: Buffer, target: Target, registry: RegistryPolicy, client: string, user?: ProxyUser): void {
     socket.write('HTTP/1.1 200 Connection Established\r\n\r\n');
     // A client may send its ClientHello before reading our 200; those bytes arrived with the CONNECT.
     if (head.length > 0) socket.unshift(head);
@@ -46,7 +48,7 @@ export class InterceptedSessions {
       },
       ALPNProtocols: ['http/1.1'],
     });
-    const session: SessionInfo = { registry, client, requests: 0 };
+    const session: SessionInfo = { registry, client, user, requests: 0 };
     let tlsError: string | undefined;
     tlsSocket.on('error', (err: NodeJS.ErrnoException) => (tlsError = err.code ?? err.message));
     tlsSocket.once('close', () => {
@@ -71,7 +73,7 @@ export class InterceptedSessions {
       server = http.createServer({ maxHeaderSize: 64 * 1024 }, (req, res) => {
         const session = this.sessions.get(req.socket)!;
         session.requests++;
-        this.handler(req, res, { registry: session.registry, client: session.client }).catch((err: Error) => {
+        this.handler(req, res, { registry: session.registry, client: session.client, ...(session.user ? { user: session.user } : {}) }).catch((err: Error) => {
           this.log.error('request handler failed', { registry: session.registry.key, error: err.stack ?? err.message });
           res.destroy();
         });

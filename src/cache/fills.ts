@@ -26,6 +26,8 @@ export class Fill extends EventEmitter {
   readonly partPath: string;
   readonly blobPath: string;
   readonly access: Access;
+  /** Where the blob is being fetched from (its cached entry will say so too). */
+  readonly origin: { registry: string; repository: string };
   /** Set when upstream answered 200. */
   responded = false;
   size: number | undefined;
@@ -39,8 +41,9 @@ export class Fill extends EventEmitter {
   /** The fill's span, when tracing: the request spans of the clients that join it link to it. */
   spanContext: SpanContext | undefined;
 
-  constructor(digest: string, partPath: string, blobPath: string, access: Access) {
+  constructor(digest: string, partPath: string, blobPath: string, access: Access, origin: { registry: string; repository: string }) {
     super();
+    this.origin = origin;
     this.digest = digest;
     this.partPath = partPath;
     this.blobPath = blobPath;
@@ -108,7 +111,7 @@ export class Fills {
 
   /** Starts the fill; its span is a child of the active one (the request of the client that missed). */
   start(request: FillRequest): Fill {
-    const fill = new Fill(request.digest, this.store.partPath(request.digest), this.store.blobPath(request.digest), request.access);
+    const fill = new Fill(request.digest, this.store.partPath(request.digest), this.store.blobPath(request.digest), request.access, { registry: request.registry, repository: request.repository });
     this.inflight.set(request.digest, fill);
     const span = tracer.startSpan('fill', { attributes: { 'pullthrough.digest': request.digest, 'pullthrough.registry': request.registry, 'pullthrough.repository': request.repository } });
     if (span.isRecording()) fill.spanContext = span.spanContext();

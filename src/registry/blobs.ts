@@ -5,26 +5,31 @@ import { open, type FileHandle } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { trace, type Context } from '@opentelemetry/api';
 import type { Dispatcher } from 'undici';
-import type { BlobStore, CacheLimits } from '../cache/blob-store.ts';
+import type { ProxyUser, RegistryPolicy } from '../../config/policy.ts';
+import type { Access, BlobStore, CacheLimits } from '../cache/blob-store.ts';
 import { drained, pumpFile, type PumpResult } from '../cache/blob-reader.ts';
 import type { Fill, Fills } from '../cache/fills.ts';
 import type { CacheStatus, Logger } from '../log.ts';
 import { positionAt } from '../upstream/body.ts';
 import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
-import { describeUpstreamError, forward, responseHeadersForClient } from '../upstream/forward.ts';
+import { describeUpstreamError, responseHeadersForClient } from '../upstream/forward.ts';
 import { requestFollowingRedirects, urlForLog } from '../upstream/redirects.ts';
 import { contextWith, endSpan, startUpstreamSpan } from '../tracing.ts';
 import { sendRegistryError } from './errors.ts';
 import { parseRange } from './range.ts';
-import { checkReadAccess } from './read-access.ts';
+import type { ReadAccess } from './read-access.ts';
+import type { UpstreamAuth, UpstreamTarget } from './upstream-auth.ts';
 import type { Digest, RepositoryName } from './route.ts';
 
 export interface BlobRequest {
   digest: Digest;
   name: RepositoryName;
+  registry: RegistryPolicy;
   upstream: UpstreamConfig;
   /** Host header for upstream: host[:port] as the client named it. */
   hostHeader: string;
+  /** The proxy user on the other end, when users are configured. */
+  user?: ProxyUser;
 }
 
 export interface BlobResult {
@@ -39,6 +44,8 @@ export interface BlobDeps {
   store: BlobStore;
   fills: Fills;
   upstreams: UpstreamAgents;
+  auth: UpstreamAuth;
+  readAccess: ReadAccess;
   limits: CacheLimits;
   log: Logger;
 }
@@ -52,7 +59,7 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
 
     const entry = deps.store.lookup(blob.digest);
     if (entry) {
-      const refused = await refuseUnlessReadable(entry.access, req, res, dispatcher, blob);
+      const refused = await refuseUnlessReadable(deps, { access: entry.access, origin: { registry: entry.registry, repository: entry.repository } }, req, res, blob);
       if (refused) return refused;
       const opened = head ? undefined : await deps.store.open(blob.digest);
       if (head || opened) {
@@ -62,44 +69,51 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
       // Evicted between the lookup and the open: a miss after all.
     }
 
-    if (head) {
-      // HEAD stays HEAD upstream and never downloads a body.
-      const span = startUpstreamSpan('HEAD', () => blobUrl(blob));
-      const result = await forward(req, res, { dispatcher, origin: blob.upstream.origin, hostHeader: blob.hostHeader }, { 'X-Cache': 'MISS' });
-      endSpan(span, result.upstreamStatus !== undefined ? { 'http.response.status_code': result.upstreamStatus } : {}, result.error);
-      return { ...result, cache: 'MISS' };
-    }
+    if (head) return headFromUpstream(req, res, dispatcher, blob, deps.auth);
 
-    if (!deps.fills.get(blob.digest) && !(await deps.store.makeRoom(0, deps.limits).catch(() => false))) {
-      deps.log.warn('the cache has no room (cache.minFree); serving from upstream without caching', { digest: blob.digest });
-      return fromUpstream(req, res, dispatcher, blob, 'BYPASS');
+    let decision = await deps.auth.decide(req, targetOf(blob));
+    for (let attempt = 0; ; attempt++) {
+      if (!deps.fills.get(blob.digest) && !(await deps.store.makeRoom(0, deps.limits).catch(() => false))) {
+        deps.log.warn('the cache has no room (cache.minFree); serving from upstream without caching', { digest: blob.digest });
+        return fromUpstream(req, res, dispatcher, blob, 'BYPASS', decision.authorization);
+      }
+      // Looked up only now, after the last await: clients arriving together must all find the same fill.
+      let fill = deps.fills.get(blob.digest);
+      let cache: CacheStatus = 'JOINED';
+      if (fill) {
+        fill.joined++;
+        // The request's span points at the fill that serves it (a child of another client's request).
+        if (fill.spanContext) trace.getActiveSpan()?.addLink({ context: fill.spanContext, attributes: { 'pullthrough.link': 'joined-fill' } });
+        const refused = await refuseUnlessReadable(deps, { access: fill.access, origin: fill.origin }, req, res, blob);
+        if (refused) return refused;
+      } else {
+        fill = deps.fills.start({
+          digest: blob.digest,
+          upstream: blob.upstream,
+          path: `/v2/${blob.name}/blobs/${blob.digest}`,
+          headers: fillHeaders(req, decision.authorization),
+          access: decision.access,
+          registry: blob.upstream.key,
+          repository: blob.name,
+        });
+        cache = 'MISS';
+      }
+      await fill.responseReady();
+      // A token the proxy chose and the registry refused (expired, or a new challenge): once more.
+      const outcome = fill.outcome;
+      if (attempt === 0 && !fill.responded && outcome?.kind === 'upstream-status' && outcome.status === 401 && decision.byProxy) {
+        const next = await deps.auth.retryAfter401(targetOf(blob), decision, outcome.headers['www-authenticate']);
+        if (next) {
+          decision = next;
+          continue;
+        }
+      }
+      return joinFill(req, res, dispatcher, blob, fill, cache, decision.authorization);
     }
-    // Looked up only now, after the last await: clients arriving together must all find the same fill.
-    let fill = deps.fills.get(blob.digest);
-    let cache: CacheStatus = 'JOINED';
-    if (fill) {
-      fill.joined++;
-      // The request's span points at the fill that serves it (a child of another client's request).
-      if (fill.spanContext) trace.getActiveSpan()?.addLink({ context: fill.spanContext, attributes: { 'pullthrough.link': 'joined-fill' } });
-      const refused = await refuseUnlessReadable(fill.access, req, res, dispatcher, blob);
-      if (refused) return refused;
-    } else {
-      fill = deps.fills.start({
-        digest: blob.digest,
-        upstream: blob.upstream,
-        path: `/v2/${blob.name}/blobs/${blob.digest}`,
-        headers: fillHeaders(req),
-        access: req.headers.authorization ? 'client' : 'anonymous',
-        registry: blob.upstream.key,
-        repository: blob.name,
-      });
-      cache = 'MISS';
-    }
-    return joinFill(req, res, dispatcher, blob, fill, cache);
   };
 }
 
-async function joinFill(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, fill: Fill, cache: CacheStatus): Promise<BlobResult> {
+async function joinFill(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, fill: Fill, cache: CacheStatus, authorization: string | undefined): Promise<BlobResult> {
   await fill.responseReady();
   const outcome = fill.outcome;
   if (!fill.responded) {
@@ -110,7 +124,7 @@ async function joinFill(req: IncomingMessage, res: ServerResponse, dispatcher: D
       res.end(body);
       return { status: outcome.status, bytes: body.length, cache, upstreamStatus: outcome.status };
     }
-    if (outcome?.kind === 'failed' && outcome.writeError) return fromUpstream(req, res, dispatcher, blob, 'BYPASS');
+    if (outcome?.kind === 'failed' && outcome.writeError) return fromUpstream(req, res, dispatcher, blob, 'BYPASS', authorization);
     const reason = outcome?.kind === 'failed' ? outcome.reason : 'the fill ended without an answer';
     sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${reason}`);
     return { status: 502, bytes: 0, cache, error: reason };
@@ -118,11 +132,31 @@ async function joinFill(req: IncomingMessage, res: ServerResponse, dispatcher: D
   const handle = await openGrowingFile(fill);
   if (!handle) {
     const failed = fill.outcome?.kind === 'failed' && !fill.outcome.writeError ? fill.outcome.reason : undefined;
-    if (!failed) return fromUpstream(req, res, dispatcher, blob, 'BYPASS');
+    if (!failed) return fromUpstream(req, res, dispatcher, blob, 'BYPASS', authorization);
     sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${failed}`);
     return { status: 502, bytes: 0, cache, error: failed };
   }
-  return serveFile(req, res, blob, { size: fill.size, mediaType: fill.mediaType, handle, cache, fill, dispatcher });
+  return serveFile(req, res, blob, { size: fill.size, mediaType: fill.mediaType, handle, cache, fill, dispatcher, authorization });
+}
+
+/** An uncached HEAD stays a HEAD upstream and never downloads a body. */
+async function headFromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, auth: UpstreamAuth): Promise<BlobResult> {
+  const span = startUpstreamSpan('HEAD', () => blobUrl(blob));
+  try {
+    const { response } = await auth.request(req, targetOf(blob), (authorization) =>
+      dispatcher.request({ origin: blob.upstream.origin, path: blobUpstreamUrl(blob).pathname, method: 'HEAD', headers: fillHeaders(req, authorization) }),
+    );
+    await response.body.dump();
+    endSpan(span, { 'http.response.status_code': response.statusCode });
+    res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), 'X-Cache': 'MISS' });
+    res.end();
+    return { status: response.statusCode, bytes: 0, cache: 'MISS', upstreamStatus: response.statusCode };
+  } catch (err) {
+    const message = describeUpstreamError(err as Error);
+    endSpan(span, {}, message);
+    sendRegistryError(res, 502, 'UNAVAILABLE', `upstream ${blob.upstream.origin} failed: ${message}`);
+    return { status: 502, bytes: 0, cache: 'MISS', error: message };
+  }
 }
 
 interface FileSource {
@@ -132,6 +166,8 @@ interface FileSource {
   cache: CacheStatus;
   fill?: Fill;
   dispatcher?: Dispatcher;
+  /** What the client's request sends upstream, should the rest of the blob have to come from there. */
+  authorization?: string | undefined;
 }
 
 /** Status line and headers, then the bytes (none for HEAD), for a cached or growing blob. */
@@ -182,14 +218,22 @@ async function finishPump(req: IncomingMessage, res: ServerResponse, blob: BlobR
       res.destroy();
       return { ...result, error: pumped.reason };
     case 'continue-upstream': {
-      const more = await continueFromUpstream(req, res, source.dispatcher!, blob, pumped.position, end);
+      const more = await continueFromUpstream(req, res, source.dispatcher!, blob, pumped.position, end, source.authorization);
       return { ...result, bytes: pumped.bytes + more.bytes, cache: 'BYPASS', ...(more.error ? { error: more.error } : {}) };
     }
   }
 }
 
 /** The rest of a blob straight from upstream, after the response has started (the cache could not write). */
-async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, position: number, end: number | undefined): Promise<{ bytes: number; error?: string }> {
+async function continueFromUpstream(
+  req: IncomingMessage,
+  res: ServerResponse,
+  dispatcher: Dispatcher,
+  blob: BlobRequest,
+  position: number,
+  end: number | undefined,
+  authorization: string | undefined,
+): Promise<{ bytes: number; error?: string }> {
   const span = startUpstreamSpan('GET', () => blobUrl(blob), { 'pullthrough.range.start': position });
   const traced = (result: { bytes: number; error?: string }, status?: number) => {
     endSpan(span, { 'pullthrough.bytes': result.bytes, ...(status !== undefined ? { 'http.response.status_code': status } : {}) }, result.error);
@@ -197,7 +241,7 @@ async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, d
   };
   try {
     const range = `bytes=${position}-${end === undefined ? '' : end - 1}`;
-    const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers: { ...fillHeaders(req), range }, trace: contextWith(span) });
+    const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers: { ...fillHeaders(req, authorization), range }, trace: contextWith(span) });
     if (!(await positionAt(response.statusCode, response.headers, response.body, position))) {
       response.body.destroy();
       res.destroy();
@@ -212,16 +256,24 @@ async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, d
 }
 
 /** The whole answer from upstream, following redirects, without the cache (no room, or no file). */
-async function fromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, cache: CacheStatus): Promise<BlobResult> {
+async function fromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, cache: CacheStatus, authorization: string | undefined): Promise<BlobResult> {
   const span = startUpstreamSpan('GET', () => blobUrl(blob));
-  const result = await fromUpstreamTraced(req, res, dispatcher, blob, cache, contextWith(span));
+  const result = await fromUpstreamTraced(req, res, dispatcher, blob, cache, authorization, contextWith(span));
   endSpan(span, { 'pullthrough.bytes': result.bytes, ...(result.upstreamStatus !== undefined ? { 'http.response.status_code': result.upstreamStatus } : {}) }, result.error);
   return result;
 }
 
-async function fromUpstreamTraced(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, cache: CacheStatus, parent: Context | undefined): Promise<BlobResult> {
+async function fromUpstreamTraced(
+  req: IncomingMessage,
+  res: ServerResponse,
+  dispatcher: Dispatcher,
+  blob: BlobRequest,
+  cache: CacheStatus,
+  authorization: string | undefined,
+  parent: Context | undefined,
+): Promise<BlobResult> {
   try {
-    const headers = { ...fillHeaders(req), ...(req.headers.range ? { range: req.headers.range } : {}) };
+    const headers = { ...fillHeaders(req, authorization), ...(req.headers.range ? { range: req.headers.range } : {}) };
     const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers, trace: parent });
     res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), 'X-Cache': cache });
     const { bytes, left } = await relayBody(response.body, res);
@@ -233,25 +285,25 @@ async function fromUpstreamTraced(req: IncomingMessage, res: ServerResponse, dis
   }
 }
 
-/** Cached content that upstream gave only to a client's credentials needs this client's proof. */
-async function refuseUnlessReadable(access: Parameters<typeof checkReadAccess>[0], req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest): Promise<BlobResult | undefined> {
-  if (access === 'anonymous') return undefined;
+/** A cached or filling blob goes only to a client that may read it (R6); others get upstream's refusal. */
+async function refuseUnlessReadable(deps: BlobDeps, object: { access: Access; origin: { registry: string; repository: string } }, req: IncomingMessage, res: ServerResponse, blob: BlobRequest): Promise<BlobResult | undefined> {
   let verdict;
-  const span = startUpstreamSpan('HEAD', () => blobUrl(blob), { 'pullthrough.purpose': 'read-access' });
   try {
-    verdict = await checkReadAccess(access, req, dispatcher, blob.upstream.origin, blob.hostHeader);
+    verdict = await deps.readAccess.check({ ...object, req, user: blob.user, target: targetOf(blob), path: blobUpstreamUrl(blob).pathname });
   } catch (err) {
     const message = `cannot verify read access with ${blob.upstream.origin}: ${describeUpstreamError(err as Error)}`;
-    endSpan(span, {}, message);
     sendRegistryError(res, 503, 'UNAVAILABLE', message);
     return { status: 503, bytes: 0, cache: 'HIT', error: message };
   }
-  endSpan(span, verdict.allowed ? { 'pullthrough.allowed': true } : { 'http.response.status_code': verdict.status, 'pullthrough.allowed': false });
   if (verdict.allowed) return undefined;
   const body = JSON.stringify({ errors: [{ code: verdict.status === 401 ? 'UNAUTHORIZED' : 'DENIED', message: 'access to the requested resource is not authorized' }] }) + '\n';
   res.writeHead(verdict.status, { 'Content-Type': 'application/json', ...verdict.headers, 'Content-Length': Buffer.byteLength(body) });
   res.end(req.method === 'HEAD' ? undefined : body);
-  return { status: verdict.status, bytes: 0, cache: 'HIT', upstreamStatus: verdict.status };
+  return { status: verdict.status, bytes: 0, cache: 'HIT', upstreamStatus: verdict.status, error: 'read access refused' };
+}
+
+function targetOf(blob: BlobRequest): UpstreamTarget & { repository: string } {
+  return { registry: blob.registry, upstream: blob.upstream, hostHeader: blob.hostHeader, repository: blob.name };
 }
 
 /** The blob's upstream URL, for spans. */
@@ -280,10 +332,10 @@ async function relayBody(body: AsyncIterable<Buffer>, res: ServerResponse, limit
   return { bytes, left: false };
 }
 
-/** What a fill sends upstream on behalf of its first client. */
-function fillHeaders(req: IncomingMessage): Record<string, string> {
+/** What a fill sends upstream on behalf of its first client: the Authorization decided for it. */
+function fillHeaders(req: IncomingMessage, authorization: string | undefined): Record<string, string> {
   const headers: Record<string, string> = {};
-  if (req.headers.authorization) headers.authorization = req.headers.authorization;
+  if (authorization) headers.authorization = authorization;
   if (req.headers['user-agent']) headers['user-agent'] = req.headers['user-agent'];
   return headers;
 }

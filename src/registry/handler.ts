@@ -4,22 +4,27 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import path from 'node:path';
 import { SpanKind, SpanStatusCode, type Attributes, type Span } from '@opentelemetry/api';
-import type { Policy, RegistryPolicy } from '../../config/policy.ts';
+import type { Policy, ProxyUser, RegistryPolicy } from '../../config/policy.ts';
+import { mayRead } from '../proxy-users.ts';
 import type { Dispatcher } from 'undici';
 import { pathForLog, type AccessEntry, type CacheStatus, type Logger } from '../log.ts';
 import { endSpan, startUpstreamSpan, tracer, withSpan } from '../tracing.ts';
 import { upstreamConfig, type UpstreamAgents, type UpstreamConfig } from '../upstream/agents.ts';
-import { describeUpstreamError, forward, requestHeadersForUpstream, responseHeadersForClient, type ForwardResult, type ForwardTarget } from '../upstream/forward.ts';
+import { describeUpstreamError, forward, requestHeadersForUpstream, responseHeadersForClient, upstreamFailed, type ForwardResult, type ForwardTarget } from '../upstream/forward.ts';
 import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { BlobHandler } from './blobs.ts';
 import { STALE_ON_STATUS, type ManifestHandler } from './manifests.ts';
 import { sendRegistryError } from './errors.ts';
 import { isRouteError, routeRequest, type Route, type RouteError } from './route.ts';
+import { credentialsToInject, forwardTokenRequest } from './token-requests.ts';
+import { clientAuthorization, type UpstreamAuth } from './upstream-auth.ts';
 
 export interface RegistryRequestContext {
   registry: RegistryPolicy;
   /** Client address, for the access log. */
   client: string;
+  /** The proxy user who opened the session, when users are configured. */
+  user?: ProxyUser;
 }
 
 export type RegistryHandler = (req: IncomingMessage, res: ServerResponse, context: RegistryRequestContext) => Promise<void>;
@@ -30,6 +35,7 @@ export interface RegistryHandlerDeps {
   blobs: BlobHandler;
   manifests: ManifestHandler;
   manifestStore: ManifestStore;
+  auth: UpstreamAuth;
   log: Logger;
 }
 
@@ -44,10 +50,10 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     return config;
   };
 
-  return async (req, res, { registry, client }) => {
+  return async (req, res, { registry, client, user }) => {
     const started = performance.now();
     const route = routeRequest(req.url ?? '/');
-    const access = { method: req.method ?? 'GET', host: registry.key, path: pathForLog(req.url), client };
+    const access = { method: req.method ?? 'GET', host: registry.key, path: pathForLog(req.url), client, ...(user ? { user: user.name } : {}) };
     // One root span per client request (never a child of whatever context the socket was made in),
     // active while it is handled, ended with the same figures as its access entry.
     const span = tracer.startSpan(`${access.method} ${isRouteError(route) ? 'invalid' : route.kind}`, { root: true, kind: SpanKind.SERVER, attributes: requestAttributes(access, route) });
@@ -58,7 +64,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       endRequestSpan(span, entry);
     };
     try {
-      await withSpan(span, () => handle(req, res, registry, route, access, started, log));
+      await withSpan(span, () => handle(req, res, registry, user, route, access, started, log));
     } finally {
       if (!logged) endSpan(span, {}, 'the request handler failed');
     }
@@ -68,8 +74,9 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     req: IncomingMessage,
     res: ServerResponse,
     registry: RegistryPolicy,
+    user: ProxyUser | undefined,
     route: Route | RouteError,
-    access: { method: string; host: string; path: string; client: string },
+    access: { method: string; host: string; path: string; client: string; user?: string },
     started: number,
     log: (entry: AccessEntry) => void,
   ): Promise<void> {
@@ -78,23 +85,44 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       log({ ...access, status: route.status, bytes: 0, type: 'invalid', ms: elapsed(started), error: route.message });
       return;
     }
+    // Proxy users read only the repositories their rules name; others get 403 on that repository alone.
+    if (user && 'name' in route && !mayRead(user, registry, route.name)) {
+      const message = `proxy user ${user.name} may not use ${hostHeaderFor(registry)}/${route.name} (users.${user.name}.read in proxy.yaml)`;
+      sendRegistryError(res, 403, 'DENIED', message);
+      log({ ...access, status: 403, bytes: 0, type: route.kind, ms: elapsed(started), error: 'proxy user has no read rule for this repository' });
+      return;
+    }
     const upstream = configFor(registry);
     const hostHeader = hostHeaderFor(registry);
+    const dispatcher = deps.upstreams.for(upstream);
     const reading = req.method === 'GET' || req.method === 'HEAD';
     if (route.kind === 'blob' && reading) {
-      const result = await deps.blobs(req, res, { digest: route.digest, name: route.name, upstream, hostHeader });
+      const result = await deps.blobs(req, res, { digest: route.digest, name: route.name, registry, upstream, hostHeader, ...(user ? { user } : {}) });
       log({ ...access, ...result, type: 'blob', ms: elapsed(started) });
       return;
     }
     if (route.kind === 'manifest' && reading) {
-      const result = await deps.manifests(req, res, { registry, upstream, hostHeader, name: route.name, reference: route.reference, byDigest: route.byDigest });
+      const result = await deps.manifests(req, res, { registry, upstream, hostHeader, name: route.name, reference: route.reference, byDigest: route.byDigest, ...(user ? { user } : {}) });
       log({ ...access, ...result, type: 'manifest', ms: elapsed(started) });
       return;
     }
-    if (route.kind === 'ping' && reading && deps.manifestStore.holdsAny(registry.key)) {
-      const result = await ping(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader });
+    if (route.kind === 'ping' && reading) {
+      // A client without credentials of a Basic registry with central ones: the proxy logs in for it
+      // (a Bearer challenge is passed on: clients fetch tokens from the realm, where the proxy injects).
+      const decision = clientAuthorization(req) || !registry.auth ? undefined : await deps.auth.proxyDecision({ registry, upstream, hostHeader });
+      const authorization = decision?.authorization?.startsWith('Basic ') ? decision.authorization : undefined;
+      const result = await ping(req, res, { dispatcher, origin: upstream.origin, hostHeader, ...(authorization ? { authorization } : {}) }, deps.manifestStore.holdsAny(registry.key));
       log({ ...access, ...result, type: 'ping', ms: elapsed(started) });
       return;
+    }
+    if (route.kind === 'other') {
+      const credentials = credentialsToInject(deps.policy, registry, req, user);
+      if (credentials) {
+        const result = await forwardTokenRequest(req, res, { dispatcher, origin: upstream.origin, hostHeader }, credentials, deps.auth);
+        if (!result.injected) deps.log.warn('the token service refused the central credentials; the client\'s request was sent without them', { host: registry.key, status: 401 });
+        log({ ...access, ...result, cache: 'BYPASS', type: 'token', ms: elapsed(started) });
+        return;
+      }
     }
     // The distribution API's writes only: a POST to a token endpoint on an intercepted realm host
     // (route "other") is how containerd logs in, not a push.
@@ -114,8 +142,12 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     // Everything else streams through untouched, uploads included (unbuffered and unlimited, unless
     // requestBuffering asks for whole uploads first).
     const spoolDir = deps.policy.requestBuffering ? path.join(deps.policy.dataDir, 'tmp') : undefined;
+    // Reads of the distribution API (tags, referrers, catalog) by a client without credentials get the
+    // proxy's; writes and other paths go with the client's own or none.
+    const proxyAuthorization =
+      reading && route.kind !== 'other' && !clientAuthorization(req) ? (await deps.auth.proxyDecision({ registry, upstream, hostHeader, ...('name' in route ? { repository: route.name } : {}) })).authorization : undefined;
     const forwarded = startUpstreamSpan(access.method, () => `${upstream.origin}${access.path}`);
-    const result = await forward(req, res, { dispatcher: deps.upstreams.for(upstream), origin: upstream.origin, hostHeader, ...(spoolDir ? { spoolDir } : {}) }, { 'X-Cache': 'BYPASS' });
+    const result = await forward(req, res, { dispatcher, origin: upstream.origin, hostHeader, ...(spoolDir ? { spoolDir } : {}), ...(proxyAuthorization ? { authorization: proxyAuthorization } : {}) }, { 'X-Cache': 'BYPASS' });
     endSpan(forwarded, result.upstreamStatus !== undefined ? { 'http.response.status_code': result.upstreamStatus } : {}, result.upstreamStatus === undefined ? result.error : undefined);
     if (retagging && result.status >= 200 && result.status < 300) await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
     log({ ...access, ...result, cache: 'BYPASS', type: route.kind, ms: elapsed(started) });
@@ -156,26 +188,34 @@ function endRequestSpan(span: Span, entry: AccessEntry): void {
  * that they can be pulled; any other answer (200, or 401 with the challenge a client needs) is
  * upstream's own. With nothing cached the ping is a plain pass-through, failures and all.
  */
-async function ping(req: IncomingMessage, res: ServerResponse, target: ForwardTarget): Promise<ForwardResult & { cache: CacheStatus }> {
+async function ping(req: IncomingMessage, res: ServerResponse, target: ForwardTarget, staleAllowed: boolean): Promise<ForwardResult & { cache: CacheStatus }> {
   const method = req.method === 'HEAD' ? 'HEAD' : 'GET';
   const span = startUpstreamSpan(method, () => `${target.origin}${pathForLog(req.url)}`);
   const started = performance.now();
   let response: Dispatcher.ResponseData | undefined;
   let error: string;
+  let caught: Error | undefined;
   try {
-    response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/v2/', method, headers: requestHeadersForUpstream(req, target.hostHeader) });
+    const headers = requestHeadersForUpstream(req, target.hostHeader);
+    if (target.authorization) headers.authorization = target.authorization;
+    response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/v2/', method, headers });
     error = `upstream answered ${response.statusCode}`;
     endSpan(span, { 'http.response.status_code': response.statusCode });
   } catch (err) {
-    error = describeUpstreamError(err as Error);
+    caught = err as Error;
+    error = describeUpstreamError(caught);
     endSpan(span, {}, error);
   }
   const upstreamMs = Math.round(performance.now() - started);
-  if (response && !STALE_ON_STATUS.has(response.statusCode)) {
+  if (response && (!staleAllowed || !STALE_ON_STATUS.has(response.statusCode))) {
     const body = Buffer.from(await response.body.arrayBuffer());
     res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), ...(req.method === 'HEAD' ? {} : { 'content-length': String(body.length) }), 'X-Cache': 'BYPASS' });
     res.end(req.method === 'HEAD' ? undefined : body);
     return { status: response.statusCode, upstreamStatus: response.statusCode, upstreamMs, bytes: req.method === 'HEAD' ? 0 : body.length, cache: 'BYPASS' };
+  }
+  if (caught && !staleAllowed) {
+    // Nothing cached to serve stale: the failure, as any pass-through request would see it.
+    return { ...upstreamFailed(res, caught, target), cache: 'BYPASS', upstreamMs };
   }
   await response?.body.dump();
   const body = '{}';

@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Dispatcher } from 'undici';
-import type { ManifestPolicy, RegistryPolicy } from '../../config/policy.ts';
+import type { ManifestPolicy, ProxyUser, RegistryPolicy } from '../../config/policy.ts';
 import type { Access } from '../cache/blob-store.ts';
 import { normaliseAccept, type ManifestStore, type StoredManifest } from '../cache/manifest-store.ts';
 import type { CacheStatus, Logger } from '../log.ts';
@@ -14,7 +14,9 @@ import { describeUpstreamError, responseHeadersForClient } from '../upstream/for
 import type { RateLimits } from '../upstream/rate-limits.ts';
 import { endSpan, startUpstreamSpan } from '../tracing.ts';
 import { sendRegistryError } from './errors.ts';
+import type { ReadAccess, ReadVerdict } from './read-access.ts';
 import { parseDigest, type RepositoryName } from './route.ts';
+import type { UpstreamAuth, UpstreamTarget } from './upstream-auth.ts';
 
 /** distribution refuses manifests larger than this; so do we, rather than buffer without end. */
 const MAX_MANIFEST_BYTES = 4 * 1024 * 1024;
@@ -28,6 +30,8 @@ export interface ManifestRequest {
   name: RepositoryName;
   reference: string;
   byDigest: boolean;
+  /** The proxy user on the other end, when users are configured. */
+  user?: ProxyUser;
 }
 
 export interface ManifestResult {
@@ -43,6 +47,8 @@ export interface ManifestDeps {
   store: ManifestStore;
   upstreams: UpstreamAgents;
   rateLimits: RateLimits;
+  auth: UpstreamAuth;
+  readAccess: ReadAccess;
   log: Logger;
 }
 
@@ -59,29 +65,24 @@ export function createManifestHandler(deps: ManifestDeps): ManifestHandler {
   return async (req, res, request) => {
     const upstream: Upstream = { dispatcher: deps.upstreams.for(request.upstream), request, req, deps };
     const { registry, name, reference } = request;
-    const access: Access = req.headers.authorization ? 'client' : 'anonymous';
 
     if (request.byDigest) {
       const stored = deps.store.body(registry.key, name, reference);
-      if (!stored) return fetchAndStore(upstream, res, access, undefined);
-      if (stored.access === 'anonymous') return send(req, res, stored, 'HIT');
-      // Private content goes only to a client that upstream lets read it now (any 200 will do: the
-      // bytes are named by their digest); never stale, since a failing upstream proves nothing.
-      const confirmed = await confirm(upstream, reference);
-      if (confirmed.kind === 'same' || confirmed.kind === 'changed') return send(req, res, stored, 'HIT', confirmed.upstreamMs);
-      return relayFailure(req, res, confirmed, request);
+      if (!stored) return fetchAndStore(upstream, res, undefined);
+      // Private content goes only to a client that may read it (never stale: a failing upstream proves nothing).
+      return (await refuseUnlessReadable(upstream, res, stored.access)) ?? send(req, res, stored, 'HIT');
     }
 
     const accept = normaliseAccept(req.headers.accept);
     const tag = deps.store.tag(registry.key, name, reference, accept);
     const stored = tag ? deps.store.body(registry.key, name, tag.digest) : undefined;
-    if (!tag || !stored) return fetchAndStore(upstream, res, access, accept);
+    if (!tag || !stored) return fetchAndStore(upstream, res, accept);
 
     const ttl = ttlFor(registry.manifests, reference);
     const age = Date.now() - tag.validatedAt;
-    // Private content is always confirmed with the client's own credentials (that is the access check).
-    if (tag.access === 'anonymous' && age < ttl) return send(req, res, stored, 'HIT');
+    if (age < ttl) return (await refuseUnlessReadable(upstream, res, tag.access)) ?? send(req, res, stored, 'HIT');
 
+    // A 200 to this HEAD, made with the client's credentials (or the proxy's), is also its read check.
     const confirmed = await confirm(upstream, tag.digest);
     switch (confirmed.kind) {
       case 'same':
@@ -92,15 +93,15 @@ export function createManifestHandler(deps: ManifestDeps): ManifestHandler {
         // pulled by digest): content-addressed, so the HEAD that named it is all the GET would tell.
         const known = confirmed.digest ? deps.store.body(registry.key, name, confirmed.digest) : undefined;
         if (known) {
-          await deps.store.putTag(registry.key, name, reference, accept, { digest: known.digest, mediaType: known.mediaType, size: known.body.length, validatedAt: Date.now(), access });
+          await deps.store.putTag(registry.key, name, reference, accept, { digest: known.digest, mediaType: known.mediaType, size: known.body.length, validatedAt: Date.now(), access: confirmed.access });
           return send(req, res, known, 'REVALIDATED', confirmed.upstreamMs);
         }
         // A HEAD has its answer already: the HEAD upstream just gave. Only a GET costs a GET.
         if (req.method === 'HEAD') return relay(req, res, 200, confirmed.headers, Buffer.alloc(0), 'MISS', confirmed.upstreamMs);
-        return fetchAndStore(upstream, res, access, accept);
+        return fetchAndStore(upstream, res, accept);
       }
       case 'failed':
-        if (tag.access === 'anonymous' && age - ttl <= registry.manifests.maxStaleMs) {
+        if (age - ttl <= registry.manifests.maxStaleMs && readableWithoutUpstream(upstream, tag.access)) {
           deps.log.warn('upstream failed; serving a stale manifest', { registry: registry.key, repository: name, tag: reference, error: confirmed.error });
           return send(req, res, stored, 'STALE', undefined, confirmed.error);
         }
@@ -112,6 +113,31 @@ export function createManifestHandler(deps: ManifestDeps): ManifestHandler {
   };
 }
 
+function targetOf(request: ManifestRequest): UpstreamTarget & { repository: string } {
+  return { registry: request.registry, upstream: request.upstream, hostHeader: request.hostHeader, repository: request.name };
+}
+
+/** R6 for a cached manifest: undefined when this client may read it, else the refusal it was sent. */
+async function refuseUnlessReadable(upstream: Upstream, res: ServerResponse, access: Access): Promise<ManifestResult | undefined> {
+  const { req, request, deps } = upstream;
+  let verdict: ReadVerdict;
+  try {
+    verdict = await deps.readAccess.check({ access, req, user: request.user, target: targetOf(request), path: manifestPath(request) });
+  } catch (err) {
+    const message = `cannot verify read access with ${request.upstream.origin}: ${describeUpstreamError(err as Error)}`;
+    sendRegistryError(res, 503, 'UNAVAILABLE', message);
+    return { status: 503, bytes: 0, cache: 'HIT', error: message };
+  }
+  if (verdict.allowed) return undefined;
+  const failure = { kind: 'refused' as const, status: verdict.status, headers: verdict.headers, body: Buffer.alloc(0) };
+  return { ...relayFailure(req, res, failure, request), cache: 'HIT', error: 'read access refused' };
+}
+
+/** While upstream fails, only what needs no upstream proof may be served stale. */
+function readableWithoutUpstream(upstream: Upstream, access: Access): boolean {
+  return upstream.deps.readAccess.allowedWithoutUpstream({ access, user: upstream.request.user, target: targetOf(upstream.request) });
+}
+
 /** The tag's TTL: the first tier whose anchored regex matches, else the default; 0 when disabled. */
 export function ttlFor(policy: ManifestPolicy, tag: string): number {
   if (!policy.enabled) return 0;
@@ -121,7 +147,7 @@ export function ttlFor(policy: ManifestPolicy, tag: string): number {
 type Confirmation =
   | { kind: 'same'; upstreamMs: number }
   /** `digest`: what the reference names now, when upstream said; `headers`: its answer, for a HEAD client. */
-  | { kind: 'changed'; digest?: string; headers: Record<string, string | string[]>; upstreamMs: number }
+  | { kind: 'changed'; digest?: string; headers: Record<string, string | string[]>; upstreamMs: number; access: Access }
   /** Network, TLS, timeout, 429, 5xx: a stale copy may be served. */
   | { kind: 'failed'; error: string; status?: number; headers?: Record<string, string | string[]>; body?: Buffer }
   /** Upstream says no (401, 403, 404…): the client gets that answer. */
@@ -132,8 +158,9 @@ async function confirm(upstream: Upstream, digest: string): Promise<Confirmation
   const span = startUpstreamSpan('HEAD', () => manifestUrl(upstream.request), { 'pullthrough.purpose': upstream.request.byDigest ? 'read-access' : 'revalidate' });
   const started = performance.now();
   let response: Dispatcher.ResponseData;
+  let access: Access;
   try {
-    response = await upstreamRequest(upstream, 'HEAD');
+    ({ response, access } = await upstreamRequest(upstream, 'HEAD'));
   } catch (err) {
     const error = describeUpstreamError(err as Error);
     endSpan(span, {}, error);
@@ -147,7 +174,7 @@ async function confirm(upstream: Upstream, digest: string): Promise<Confirmation
   if (response.statusCode === 200) {
     const current = response.headers['docker-content-digest'];
     if (current === digest) return { kind: 'same', upstreamMs };
-    return { kind: 'changed', ...(typeof current === 'string' && parseDigest(current) ? { digest: current } : {}), headers, upstreamMs };
+    return { kind: 'changed', ...(typeof current === 'string' && parseDigest(current) ? { digest: current } : {}), headers, upstreamMs, access };
   }
   const failure = { status: response.statusCode, headers, body: Buffer.alloc(0) };
   if (STALE_ON_STATUS.has(response.statusCode)) return { kind: 'failed', error: `upstream answered ${response.statusCode}`, ...failure };
@@ -158,15 +185,16 @@ async function confirm(upstream: Upstream, digest: string): Promise<Confirmation
  * GET upstream; a 200 is verified against its digest, stored and served; anything else is relayed.
  * A client's HEAD stays a HEAD upstream (relayed, nothing stored): HEAD is free on Docker Hub, GET is not.
  */
-async function fetchAndStore(upstream: Upstream, res: ServerResponse, access: Access, accept: string | undefined): Promise<ManifestResult> {
+async function fetchAndStore(upstream: Upstream, res: ServerResponse, accept: string | undefined): Promise<ManifestResult> {
   const { req, request, deps } = upstream;
   const cache: CacheStatus = 'MISS';
   const method = req.method === 'HEAD' ? 'HEAD' : 'GET';
   const span = startUpstreamSpan(method, () => manifestUrl(request), { 'pullthrough.purpose': 'fetch' });
   const started = performance.now();
   let response: Dispatcher.ResponseData;
+  let access: Access;
   try {
-    response = await upstreamRequest(upstream, method);
+    ({ response, access } = await upstreamRequest(upstream, method));
   } catch (err) {
     const message = describeUpstreamError(err as Error);
     endSpan(span, {}, message);
@@ -214,19 +242,27 @@ function digestOf(body: Buffer, algorithm: 'sha256' | 'sha512'): string {
   return `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
 }
 
-/** The manifest's upstream URL, for spans. */
-function manifestUrl(request: ManifestRequest): string {
-  return `${request.upstream.origin}/v2/${request.name}/manifests/${request.reference}`;
+function manifestPath(request: ManifestRequest): string {
+  return `/v2/${request.name}/manifests/${request.reference}`;
 }
 
-function upstreamRequest(upstream: Upstream, method: 'GET' | 'HEAD'): Promise<Dispatcher.ResponseData> {
+/** The manifest's upstream URL, for spans. */
+function manifestUrl(request: ManifestRequest): string {
+  return `${request.upstream.origin}${manifestPath(request)}`;
+}
+
+/** With the client's Accept and the Authorization decided for it; `access`: what the answer is labelled. */
+async function upstreamRequest(upstream: Upstream, method: 'GET' | 'HEAD'): Promise<{ response: Dispatcher.ResponseData; access: Access }> {
   const { req, request } = upstream;
   const headers: Record<string, string> = { host: request.hostHeader };
-  for (const name of ['accept', 'authorization', 'user-agent'] as const) {
+  for (const name of ['accept', 'user-agent'] as const) {
     const value = req.headers[name];
     if (value !== undefined) headers[name] = Array.isArray(value) ? value.join(', ') : value;
   }
-  return upstream.dispatcher.request({ origin: request.upstream.origin, path: `/v2/${request.name}/manifests/${request.reference}`, method, headers });
+  const { response, decision } = await upstream.deps.auth.request(req, targetOf(request), (authorization) =>
+    upstream.dispatcher.request({ origin: request.upstream.origin, path: manifestPath(request), method, headers: { ...headers, ...(authorization ? { authorization } : {}) } }),
+  );
+  return { response, access: decision.access };
 }
 
 /** The manifest exactly as stored; HEAD gets the same headers without the body. */

@@ -49,7 +49,9 @@ export function routeRequest(rawPath: string): Route | RouteError {
   if (decoded === '/v2/_catalog') return { kind: 'catalog' };
 
   const match = /^\/v2\/(.+)\/(manifests|blobs|tags|referrers)\/(.*)$/.exec(decoded);
-  if (!match) return { status: 404, code: 'NOT_FOUND', message: `no such API path: ${path}` };
+  // Not the distribution API but a registry's own endpoint under /v2/ (quay.io's token service is
+  // /v2/auth): passed through like any other path.
+  if (!match) return { kind: 'other' };
   const [, nameText, section, rest] = match as unknown as [string, string, string, string];
   if (!NAME.test(nameText) || nameText.length > 255) {
     return { status: 400, code: 'NAME_INVALID', message: `invalid repository name "${nameText}"` };

@@ -28,6 +28,8 @@ export interface ForwardTarget {
   origin: string;
   /** Value of the Host header upstream: the host[:port] the client asked for. */
   hostHeader: string;
+  /** The proxy's own Authorization, for a client that sent none. */
+  authorization?: string;
 }
 
 export interface ForwardResult {
@@ -65,6 +67,7 @@ export async function forward(req: IncomingMessage, res: ServerResponse, target:
   const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
   let spooled: SpooledBody | undefined;
   const headers = requestHeadersForUpstream(req, target.hostHeader);
+  if (target.authorization) headers.authorization = target.authorization;
   if (hasBody && target.spoolDir) {
     try {
       spooled = await spool(req, target.spoolDir);
@@ -105,7 +108,8 @@ export async function forward(req: IncomingMessage, res: ServerResponse, target:
   return { ...result, bytes };
 }
 
-function upstreamFailed(res: ServerResponse, err: Error, target: ForwardTarget): ForwardResult {
+/** A registry-style 504 (timeouts) or 502 (anything else) for a request upstream never answered. */
+export function upstreamFailed(res: ServerResponse, err: Error, target: Pick<ForwardTarget, 'origin'>): ForwardResult {
   const timedOut = err instanceof undiciErrors.ConnectTimeoutError || err instanceof undiciErrors.HeadersTimeoutError;
   const status = timedOut ? 504 : 502;
   const message = `upstream ${target.origin} ${timedOut ? 'timed out' : 'failed'}: ${describeUpstreamError(err)}`;

@@ -25,6 +25,18 @@ export interface Credentials {
   password: string;
 }
 
+/** distribution's token auth (auth.token): what the registry is told about its token service. */
+export interface TokenAuth {
+  /** Token endpoint the Bearer challenge names, e.g. 'https://auth.test:PORT/token'. */
+  realm: string;
+  /** The registry's name: every token's aud must equal it. */
+  service: string;
+  /** Every token's iss must equal it. */
+  issuer: string;
+  /** PEM certificates the x5c chain of a token must lead to. */
+  rootCertBundlePem: string;
+}
+
 export interface RegistryOptions {
   /** Name clients use for the registry, e.g. 'registry.test'; it is in the certificate and in url/hostPort. */
   host: string;
@@ -35,6 +47,8 @@ export interface RegistryOptions {
   ca: TestCa;
   /** Require HTTP Basic auth (distribution's htpasswd auth, bcrypt). */
   htpasswd?: Credentials;
+  /** Require Bearer tokens from a token service (see token-service.ts); excludes htpasswd. */
+  tokenAuth?: TokenAuth;
 }
 
 export type RequestKind = 'base' | 'manifest' | 'blob' | 'upload' | 'tags' | 'catalog' | 'other';
@@ -76,6 +90,8 @@ export interface DirectRequestOptions {
   headers?: Record<string, string>;
   /** Send the handle's htpasswd credentials (default: true when the registry has them). */
   auth?: boolean;
+  /** Send `Authorization: Bearer <token>` (instead of any htpasswd credentials). */
+  bearer?: string;
 }
 
 export interface RegistryHandle {
@@ -91,6 +107,8 @@ export interface RegistryHandle {
   /** PEM of the CA that issued the registry's certificate. */
   caPem: string;
   credentials?: Credentials;
+  /** Set when the registry was started with token auth. */
+  tokenAuth?: TokenAuth;
   /** Requests served since start or the last resetCounts(), oldest first. */
   requests(): ServedRequest[];
   count(filter?: RequestFilter | ((r: ServedRequest) => boolean)): number;
@@ -111,6 +129,7 @@ export interface RegistryHandle {
 /** Starts docker-registry and waits until it answers GET /v2/. */
 export async function startRegistry(options: RegistryOptions): Promise<RegistryHandle> {
   requireTool(REGISTRY_BIN, 'docker-registry not installed: apt-get install docker-registry');
+  if (options.htpasswd && options.tokenAuth) throw new Error('startRegistry: htpasswd and tokenAuth exclude each other');
   const bindAddress = options.bindAddress ?? '127.0.0.1';
   assertLoopback(bindAddress);
   const workDir = makeTempDir('registry');
@@ -135,7 +154,8 @@ export async function startRegistry(options: RegistryOptions): Promise<RegistryH
 interface RegistryFiles {
   certFile: string;
   keyFile: string;
-  htpasswdFile?: string;
+  /** The config's auth section, naming the files written for it. */
+  auth?: object;
 }
 
 async function writeRegistryFiles(workDir: string, options: RegistryOptions, bindAddress: string): Promise<RegistryFiles> {
@@ -146,10 +166,16 @@ async function writeRegistryFiles(workDir: string, options: RegistryOptions, bin
   const keyFile = join(workDir, 'registry.key');
   writeFileSync(certFile, leaf.certPem);
   writeFileSync(keyFile, leaf.keyPem, { mode: 0o600 });
+  if (options.tokenAuth) {
+    const { realm, service, issuer, rootCertBundlePem } = options.tokenAuth;
+    const rootcertbundle = join(workDir, 'token-roots.pem');
+    writeFileSync(rootcertbundle, rootCertBundlePem);
+    return { certFile, keyFile, auth: { token: { realm, service, issuer, rootcertbundle } } };
+  }
   if (!options.htpasswd) return { certFile, keyFile };
   const htpasswdFile = join(workDir, 'htpasswd');
   writeFileSync(htpasswdFile, await htpasswdLine(options.htpasswd));
-  return { certFile, keyFile, htpasswdFile };
+  return { certFile, keyFile, auth: { htpasswd: { realm: 'pullthrough-test', path: htpasswdFile } } };
 }
 
 function registryConfig(port: number, bindAddress: string, workDir: string, files: RegistryFiles): unknown {
@@ -171,7 +197,7 @@ function registryConfig(port: number, bindAddress: string, workDir: string, file
       secret: randomBytes(16).toString('hex'),
       tls: { certificate: files.certFile, key: files.keyFile },
     },
-    ...(files.htpasswdFile ? { auth: { htpasswd: { realm: 'pullthrough-test', path: files.htpasswdFile } } } : {}),
+    ...(files.auth ? { auth: files.auth } : {}),
   };
 }
 
@@ -212,6 +238,7 @@ async function launch(
     address,
     caPem: options.ca.certPem,
     ...(credentials ? { credentials } : {}),
+    ...(options.tokenAuth ? { tokenAuth: options.tokenAuth } : {}),
     requests: () => log.served.filter((r) => !r.path.includes(MARKER_PARAM)),
     count: (filter = {}) => handle.requests().filter(typeof filter === 'function' ? filter : (r) => matches(r, filter)).length,
     resetCounts: () => {
@@ -329,8 +356,9 @@ async function directRequest(
   credentials: Credentials | undefined,
 ): Promise<DirectResponse> {
   const headers: Record<string, string> = { host: hostPort, 'user-agent': 'pullthrough-test-harness', ...options.headers };
-  if (credentials && !Object.keys(headers).some((k) => k.toLowerCase() === 'authorization')) {
-    headers.authorization = `Basic ${Buffer.from(`${credentials.username}:${credentials.password}`).toString('base64')}`;
+  if (!Object.keys(headers).some((k) => k.toLowerCase() === 'authorization')) {
+    if (options.bearer !== undefined) headers.authorization = `Bearer ${options.bearer}`;
+    else if (credentials) headers.authorization = `Basic ${Buffer.from(`${credentials.username}:${credentials.password}`).toString('base64')}`;
   }
   const res = await request(`https://${address}${path}`, { dispatcher, method: (options.method ?? 'GET') as Dispatcher.HttpMethod, headers });
   const body = Buffer.from(await res.body.arrayBuffer());
@@ -349,7 +377,7 @@ async function waitUntilReady(
       throw new Error(`docker-registry exited (${child.exitCode ?? child.signalCode}) during start:\n${tail(log.stderrText())}`);
     }
     try {
-      // Any HTTP answer (401 with htpasswd) means it serves; the readiness probe is not a test request.
+      // Any HTTP answer (401 with htpasswd or token auth) means it serves; the probe is not a test request.
       await fetchDirect(`/v2/?${MARKER_PARAM}=ready`);
       return;
     } catch (err) {

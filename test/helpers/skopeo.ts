@@ -18,6 +18,11 @@ export interface PushOptions {
   destinationTag?: string;
   /** Push every platform of an image index (skopeo --all); needed for multi-arch layouts. */
   all?: boolean;
+  /**
+   * A Bearer token for a token-auth registry (skopeo --dest-registry-token), e.g. from the token
+   * service's mint(): skopeo then never asks the realm, whose test name would not resolve.
+   */
+  registryToken?: string;
   timeoutMs?: number;
 }
 
@@ -46,7 +51,9 @@ export async function pushImage(layoutDir: string, tag: string, registry: Regist
       // registry would hold different digests than the layout.
       '--preserve-digests',
       '--dest-cert-dir', certDir,
-      ...(registry.credentials ? ['--dest-creds', credentialArg(registry.credentials)] : []),
+      ...(options.registryToken !== undefined
+        ? ['--dest-registry-token', options.registryToken]
+        : registry.credentials ? ['--dest-creds', credentialArg(registry.credentials)] : []),
       ...(options.all ? ['--all'] : []),
       `oci:${layoutDir}:${tag}`,
       `docker://${destination}`,

@@ -1,0 +1,226 @@
+// Which Authorization a read request sends upstream, and what that makes the answer in the cache.
+// A client's own Authorization always wins (R5.2). For a client without one the proxy answers the
+// registry's challenge itself: Basic with the central credentials, or a Bearer token from the realm
+// (central credentials first, anonymous when they are refused or absent). The registry's challenge is
+// learned from the 401s its requests meet, and up front with a GET /v2/ when it has central credentials.
+import { createHash } from 'node:crypto';
+import type { IncomingMessage } from 'node:http';
+import type { Dispatcher } from 'undici';
+import type { RegistryPolicy } from '../../config/policy.ts';
+import type { Access } from '../cache/blob-store.ts';
+import type { Logger } from '../log.ts';
+import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
+import { parseChallenges, preferredChallenge, type Challenge } from '../upstream/challenge.ts';
+import { basicAuthorization, type TokenExchange, type TokenRequest } from '../upstream/token-exchange.ts';
+
+export interface AuthDecision {
+  /** Sent upstream as Authorization; absent: anonymous. */
+  authorization?: string;
+  /** How what upstream answers is labelled in the cache (R6). */
+  access: Access;
+  /** The proxy chose the header (the client sent none): after a 401 a fresh one may be tried. */
+  byProxy: boolean;
+  /** The cached token behind `authorization`, to forget when the registry refuses it. */
+  token?: { request: TokenRequest; value: string };
+}
+
+export interface UpstreamTarget {
+  registry: RegistryPolicy;
+  upstream: UpstreamConfig;
+  /** Host header upstream. */
+  hostHeader: string;
+  /** The repository the request is about; undefined for /v2/ itself. */
+  repository?: string;
+}
+
+/** A challenge learned this long ago is asked again (a registry may change its token service). */
+const CHALLENGE_TTL_MS = 3_600_000;
+const MAX_MINTED = 10_000;
+
+export class UpstreamAuth {
+  /** Registry key → its challenge (null: the registry asks for none). */
+  private readonly challenges = new Map<string, { challenge: Challenge | null; learnedAt: number }>();
+  private readonly learning = new Map<string, Promise<Challenge | null | undefined>>();
+  /** Hashes of tokens that clients received through injected central credentials → expiry. */
+  private readonly minted = new Map<string, number>();
+  private readonly warned = new Set<string>();
+  private readonly tokens: TokenExchange;
+  private readonly upstreams: UpstreamAgents;
+  private readonly log: Logger;
+
+  constructor(tokens: TokenExchange, upstreams: UpstreamAgents, log: Logger) {
+    this.tokens = tokens;
+    this.upstreams = upstreams;
+    this.log = log;
+  }
+
+  /** The Authorization for a read on behalf of this client. */
+  async decide(req: IncomingMessage, target: UpstreamTarget): Promise<AuthDecision> {
+    const own = clientAuthorization(req);
+    if (own) return { authorization: own, access: this.wasMinted(own) ? 'central' : 'client', byProxy: false };
+    return this.proxyDecision(target);
+  }
+
+  /** The proxy's own Authorization: central credentials when the registry has them, else anonymous. */
+  async proxyDecision(target: UpstreamTarget): Promise<AuthDecision> {
+    const challenge = await this.challengeFor(target);
+    return this.answer(target, challenge ?? null);
+  }
+
+  /**
+   * Upstream answered 401 to a header the proxy chose: forget that token, learn the challenge it sent,
+   * and return a different header worth one more try (undefined: the client gets the 401).
+   */
+  async retryAfter401(target: UpstreamTarget, previous: AuthDecision, wwwAuthenticate: string | string[] | undefined): Promise<AuthDecision | undefined> {
+    if (!previous.byProxy) return undefined;
+    if (previous.token) this.tokens.forget(previous.token.request, previous.token.value);
+    const challenge = preferredChallenge(parseChallenges(wwwAuthenticate));
+    if (!challenge) return undefined;
+    this.challenges.set(target.registry.key, { challenge, learnedAt: Date.now() });
+    // The registry names the scope it wants (it may ask for more than pull on one repository).
+    const scopes = challenge.params.scope?.split(' ').filter(Boolean);
+    const next = await this.answer(target, challenge, scopes);
+    return next.authorization !== undefined && next.authorization !== previous.authorization ? next : undefined;
+  }
+
+  /** A request with the decided Authorization, once more with a fresh one after a 401 the proxy caused. */
+  async request(req: IncomingMessage | undefined, target: UpstreamTarget, send: (authorization: string | undefined) => Promise<Dispatcher.ResponseData>): Promise<{ response: Dispatcher.ResponseData; decision: AuthDecision }> {
+    let decision = req ? await this.decide(req, target) : await this.proxyDecision(target);
+    let response = await send(decision.authorization);
+    if (response.statusCode === 401 && decision.byProxy) {
+      const next = await this.retryAfter401(target, decision, response.headers['www-authenticate']);
+      if (next) {
+        await response.body.dump();
+        decision = next;
+        response = await send(next.authorization);
+      }
+    }
+    return { response, decision };
+  }
+
+  /** A token a client got from the realm with central credentials the proxy put in (R6: 'central'). */
+  recordMinted(token: string, expiresAt: number): void {
+    this.minted.set(tokenHash(token), expiresAt);
+    if (this.minted.size > MAX_MINTED) {
+      const now = Date.now();
+      for (const [hash, until] of this.minted) if (until < now || this.minted.size > MAX_MINTED) this.minted.delete(hash);
+    }
+  }
+
+  private wasMinted(authorization: string): boolean {
+    const match = /^Bearer\s+(\S+)$/i.exec(authorization);
+    if (!match) return false;
+    const until = this.minted.get(tokenHash(match[1]!));
+    return until !== undefined && until > Date.now();
+  }
+
+  private async answer(target: UpstreamTarget, challenge: Challenge | null, scopes?: string[]): Promise<AuthDecision> {
+    const { registry } = target;
+    const anonymous: AuthDecision = { access: 'anonymous', byProxy: true };
+    if (!challenge) return anonymous;
+    if (challenge.scheme === 'basic') return registry.auth ? { authorization: basicAuthorization(registry.auth), access: 'central', byProxy: true } : anonymous;
+    let realm: URL;
+    try {
+      realm = new URL(challenge.params.realm ?? '');
+      if (realm.protocol !== 'https:' && realm.protocol !== 'http:') return anonymous;
+    } catch {
+      return anonymous;
+    }
+    const request: TokenRequest = {
+      realm,
+      ...(challenge.params.service ? { service: challenge.params.service } : {}),
+      scopes: scopes ?? (target.repository ? [`repository:${target.repository}:pull`] : []),
+    };
+    const dispatcher = this.upstreams.for(target.upstream);
+    if (registry.auth) {
+      const central = { ...request, credentials: registry.auth };
+      const result = await this.tokens.token(dispatcher, central);
+      if (result.ok) return { authorization: `Bearer ${result.token}`, access: 'central', byProxy: true, token: { request: central, value: result.token } };
+      this.warnOnce(`refused:${registry.key}:${result.status ?? 'error'}`, `the token service refused the central credentials of ${registry.key}; trying anonymously (check registries.${registry.key}.auth)`, {
+        registry: registry.key,
+        realm: `${realm.origin}${realm.pathname}`,
+        ...(result.status !== undefined ? { status: result.status } : {}),
+        error: result.error,
+      });
+    }
+    const result = await this.tokens.token(dispatcher, request);
+    if (result.ok) return { authorization: `Bearer ${result.token}`, access: 'anonymous', byProxy: true, token: { request, value: result.token } };
+    return anonymous;
+  }
+
+  /**
+   * With central credentials the challenge is asked for up front (GET /v2/), so even the first request
+   * carries them; without, a registry's first 401 teaches it (retryAfter401), at no extra request.
+   */
+  private async challengeFor(target: UpstreamTarget): Promise<Challenge | null | undefined> {
+    const known = this.challenges.get(target.registry.key);
+    if (known && (Date.now() - known.learnedAt < CHALLENGE_TTL_MS || !target.registry.auth)) return known.challenge;
+    if (!target.registry.auth) return null;
+    let pending = this.learning.get(target.registry.key);
+    if (!pending) {
+      pending = this.learn(target).finally(() => this.learning.delete(target.registry.key));
+      this.learning.set(target.registry.key, pending);
+    }
+    return pending;
+  }
+
+  /** GET /v2/ without credentials: 200 means no auth, 401 names the scheme; anything else teaches nothing. */
+  private async learn(target: UpstreamTarget): Promise<Challenge | null | undefined> {
+    try {
+      const response = await this.upstreams.for(target.upstream).request({ origin: target.upstream.origin, path: '/v2/', method: 'GET', headers: { host: target.hostHeader } });
+      await response.body.dump();
+      let challenge: Challenge | null | undefined;
+      if (response.statusCode === 200) challenge = null;
+      else if (response.statusCode === 401) challenge = preferredChallenge(parseChallenges(response.headers['www-authenticate'])) ?? null;
+      if (challenge !== undefined) {
+        this.challenges.set(target.registry.key, { challenge, learnedAt: Date.now() });
+        this.adviseRealm(target.registry, challenge);
+      }
+      return challenge;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Central credentials on a Bearer registry reach clients' token requests only when the realm is intercepted. */
+  private adviseRealm(registry: RegistryPolicy, challenge: Challenge | null): void {
+    if (!registry.auth || challenge?.scheme !== 'bearer' || !challenge.params.realm) return;
+    let realmHost: string;
+    try {
+      realmHost = new URL(challenge.params.realm).host;
+    } catch {
+      return;
+    }
+    const registryHost = registry.port === 443 ? registry.host : `${registry.host}:${registry.port}`;
+    if (registry.auth.realm === realmHost || realmHost === registryHost) return;
+    this.warnOnce(`realm:${registry.key}`, `${registry.key} sends clients to the token service ${realmHost}; set registries.${registry.key}.auth.realm: ${realmHost} so that clients without credentials get tokens with the central ones`, { registry: registry.key });
+  }
+
+  private warnOnce(key: string, message: string, fields: Record<string, unknown>): void {
+    if (this.warned.has(key)) return;
+    this.warned.add(key);
+    this.log.warn(message, fields);
+  }
+}
+
+/**
+ * The client's Authorization, unless it carries nothing: containers/image answers a Basic challenge
+ * with empty credentials ("Basic Og==") when it has none, which is the same as sending none.
+ */
+export function clientAuthorization(req: IncomingMessage): string | undefined {
+  const value = req.headers.authorization?.trim();
+  if (!value) return undefined;
+  const basic = /^Basic\s+([A-Za-z0-9+/=]*)$/i.exec(value);
+  if (basic && Buffer.from(basic[1]!, 'base64').toString('utf8') === ':') return undefined;
+  if (/^(Basic|Bearer)\s*$/i.test(value)) return undefined;
+  return value;
+}
+
+/** A credential's stand-in in memory: what verdicts and minted tokens are keyed by, never the credential. */
+export function credentialHash(credential: string): string {
+  return createHash('sha256').update(credential).digest('base64url');
+}
+
+function tokenHash(token: string): string {
+  return credentialHash(`Bearer ${token}`);
+}
