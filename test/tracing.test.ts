@@ -16,12 +16,15 @@ import { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from './helpe
 import { createTestCa, writePem, type TestCa } from './helpers/pki.ts';
 import { startRegistry, type RegistryHandle } from './helpers/registry.ts';
 import { pushImage, skopeoCopyThroughProxy, verifyDirCopy } from './helpers/skopeo.ts';
+import { startTokenService, type TokenService } from './helpers/token-service.ts';
 
 const CLI = path.join(import.meta.dirname, '../src/cli.ts');
 const PASSWORD = 'wonder-land-42';
 const BASIC = Buffer.from(`alice:${PASSWORD}`).toString('base64');
 const CLIENT_TOKEN = 'client-token-s3cr3t';
 const SIGNATURE = 'SIGNED-QUERY-s3cr3t';
+const CENTRAL_PASSWORD = 'central-tr4ce-pw';
+const CENTRAL_BASIC = Buffer.from(`central:${CENTRAL_PASSWORD}`).toString('base64');
 const MiB = 1024 * 1024;
 
 interface CliProxy {
@@ -115,6 +118,9 @@ describe('tracing', () => {
     let access: Array<Record<string, unknown>>;
     let redirected: string;
     let joinedDigest: string;
+    let tokens: TokenService;
+    let tokenRegistry: RegistryHandle;
+    let centralDigest: string;
 
     before(async () => {
       ca = createTestCa('pullthrough tracing CA');
@@ -127,6 +133,11 @@ describe('tracing', () => {
       big = await buildOciImage(path.join(dir, 'big-layout'), { layers: [{ randomBytes: 32 * MiB }], tag: 'v1' });
       await pushImage(image.layoutDir, 'v1', registry, { repository: 'secret/app' });
       await pushImage(big.layoutDir, 'v1', registry, { repository: 'secret/big' });
+      tokens = await startTokenService({ host: 'auth.test', ca, users: { central: { password: CENTRAL_PASSWORD, access: [{ repository: 'private/*', actions: ['pull'] }] } } });
+      tokenRegistry = await startRegistry({ host: 'tokenreg.test', ca, tokenAuth: tokens.registryAuth });
+      const centralImage = await buildOciImage(path.join(dir, 'central-layout'), { layers: [{ randomBytes: MiB }], tag: 'v1' });
+      centralDigest = centralImage.layerDigests[0]!;
+      await pushImage(centralImage.layoutDir, 'v1', tokenRegistry, { repository: 'private/app', registryToken: tokens.mint([{ name: 'private/app', actions: ['pull', 'push'] }]) });
       const caFile = writeCaFile(dir, ca);
       const configFile = path.join(dir, 'proxy.yaml');
       writeFileSync(
@@ -138,8 +149,13 @@ registries:
     tls: { ca: ${caFile} }
   ${fake.hostPort}:
     tls: { ca: ${caFile} }
+  ${tokenRegistry.hostPort}:
+    tls: { ca: ${caFile} }
+    auth: { realm: ${tokens.hostPort}, username: central, password: ${CENTRAL_PASSWORD} }
 hosts:
   private.test: 127.0.0.1
+  tokenreg.test: 127.0.0.1
+  auth.test: 127.0.0.1
   fake.test: 127.0.0.1
   cdn.test: 127.0.0.1
 `,
@@ -192,6 +208,11 @@ hosts:
       assert.equal(viaCdn.status, 200);
       assert.equal(viaCdn.digest, blob.digest);
 
+      // A client without credentials: the proxy exchanges the central ones for a token itself.
+      const central = await fetchThroughProxy({ proxyPort: proxy.port, caPem: proxy.caPem, host: tokenRegistry.host, port: tokenRegistry.port }, `/v2/private/app/blobs/${centralDigest}`);
+      assert.equal(central.status, 200);
+      assert.equal(central.digest, centralDigest);
+
       // A worker exports a fill's spans as the fill ends, just after its clients got their last byte;
       // the proxy's own go out on a graceful stop, before it exits.
       await waitFor('the spans of the last fill', () => receiver.spans().some((s) => s.name === 'upstream GET' && s.attributes['pullthrough.digest'] === redirected));
@@ -202,7 +223,7 @@ hosts:
 
     after(async () => {
       await proxy?.stop();
-      await Promise.all([registry?.stop(), fake?.close(), cdn?.close(), receiver?.close()]);
+      await Promise.all([registry?.stop(), tokenRegistry?.stop(), tokens?.stop(), fake?.close(), cdn?.close(), receiver?.close()]);
       if (dir) rmSync(dir, { recursive: true, force: true });
     });
 
@@ -234,7 +255,7 @@ hosts:
       assert.equal(blobs.length, access.filter((a) => a.type === 'blob' && a.method === 'GET').length);
       for (const root of blobs) {
         assert.match(String(root.attributes['pullthrough.digest']), /^sha256:[0-9a-f]{64}$/);
-        assert.match(String(root.attributes['pullthrough.repository']), /^(secret\/(app|big)|lib\/app)$/);
+        assert.match(String(root.attributes['pullthrough.repository']), /^(secret\/(app|big)|lib\/app|private\/app)$/);
         assert.match(String(root.attributes['pullthrough.cache']), /^(MISS|JOINED|HIT)$/);
         assert.equal(root.attributes['http.response.status_code'], 200);
       }
@@ -258,9 +279,10 @@ hosts:
 
     test("a fill is a child of the missing request's span, and its upstream requests (in a worker thread) children of the fill", () => {
       const misses = spans.filter((s) => s.parentSpanId === '' && s.name === 'GET blob' && s.attributes['pullthrough.cache'] === 'MISS');
-      // config + 2 layers of the image, the big layer, the redirected blob: each filled once.
-      assert.equal(misses.length, 5, misses.map((m) => m.attributes['pullthrough.digest']).join(' '));
-      assert.equal(spans.filter((s) => s.name === 'fill').length, 5);
+      // config + 2 layers of the image, the big layer, the redirected blob, the one fetched with the
+      // central credentials: each filled once.
+      assert.equal(misses.length, 6, misses.map((m) => m.attributes['pullthrough.digest']).join(' '));
+      assert.equal(spans.filter((s) => s.name === 'fill').length, 6);
       for (const miss of misses) {
         const fills = childrenOf(miss).filter((s) => s.name === 'fill');
         assert.equal(fills.length, 1, `one fill under ${miss.attributes['pullthrough.digest']}`);
@@ -309,10 +331,23 @@ hosts:
       );
     });
 
+    test('a token exchange is a span under the request that needed it, naming the realm and scope, never the token', () => {
+      const request = spans.find((s) => s.parentSpanId === '' && s.name === 'GET blob' && s.attributes['pullthrough.digest'] === centralDigest);
+      assert.ok(request, 'the request span of the blob fetched with central credentials');
+      const exchange = childrenOf(request).find((s) => s.name === 'token');
+      assert.ok(exchange, `a token span under it: ${childrenOf(request).map((s) => s.name).join(", ")}`);
+      assert.equal(exchange.kind, 3, 'a CLIENT span');
+      assert.equal(exchange.attributes['url.full'], `${tokens.url}`);
+      assert.equal(exchange.attributes['pullthrough.token.scopes'], 'repository:private/app:pull');
+      assert.equal(exchange.attributes['pullthrough.token.identity'], 'central');
+      assert.equal(exchange.attributes['http.response.status_code'], 200);
+    });
+
     test('no credential, token or signed URL anywhere in the export', () => {
       const everything = receiver.bodies.join('\n');
-      for (const secret of [PASSWORD, BASIC, CLIENT_TOKEN, SIGNATURE, 'Bearer', 'Basic ']) assert.ok(!everything.includes(secret), `no ${secret}`);
+      for (const secret of [PASSWORD, BASIC, CLIENT_TOKEN, SIGNATURE, CENTRAL_PASSWORD, CENTRAL_BASIC, 'Bearer', 'Basic ']) assert.ok(!everything.includes(secret), `no ${secret}`);
       assert.ok(!/authorization/i.test(everything), 'no Authorization');
+      assert.doesNotMatch(everything, /eyJ[A-Za-z0-9_-]{8,}\.eyJ/, 'no token (JWT)');
     });
   });
 });
