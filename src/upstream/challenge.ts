@@ -22,6 +22,11 @@ export function parseChallenges(header: string | string[] | undefined): Challeng
       const name = TOKEN.exec(rest)?.[0];
       if (!name) break;
       const afterName = rest.slice(name.length).replace(/^\s+/, '');
+      // A token68 (Negotiate's or Basic's base64, "abc==") right after the scheme: no parameters.
+      if (current && Object.keys(current.params).length === 0 && /^=*\s*(,|$)/.test(afterName) && afterName !== '' && !afterName.startsWith(',')) {
+        rest = afterName.replace(/^=*/, '');
+        continue;
+      }
       if (afterName.startsWith('=') && current) {
         // name=value or name="quoted value"
         let valueText = afterName.slice(1).replace(/^\s+/, '');
