@@ -13,6 +13,8 @@ import { createTestCa, writePem, type TestCa } from '../helpers/pki.ts';
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { startRegistry, type RegistryHandle } from '../helpers/registry.ts';
+import { ctrUnavailable, startContainerd } from '../helpers/ctr.ts';
+import { podmanPullThroughProxy, podmanUnavailable } from '../helpers/podman.ts';
 import { pushImage, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
 import { startTokenService, type TokenService } from '../helpers/token-service.ts';
 
@@ -323,6 +325,29 @@ ${hosts}`,
     // ci's rules do not name that registry: 403, cached or not.
     const ci = await pull(usersProxy, image, 'users-ci-alice', { proxyUser: `ci:${CI_PROXY_PASSWORD}`, credentials: ALICE });
     assert.notEqual(ci.code, 0);
+  });
+
+  test('proxy users with podman and ctr: credentials in HTTPS_PROXY, central registry credentials from the proxy', { skip: podmanUnavailable() && ctrUnavailable() ? 'neither podman nor ctr is installed' : false }, async () => {
+    const ref = `${basicRegistry.hostPort}/team/app:v1`;
+    const proxyUrl = usersProxy.url.replace('http://', `http://ops:${OPS_PROXY_PASSWORD}@`);
+    if (!podmanUnavailable()) {
+      const podman = await podmanPullThroughProxy({ image: ref, proxyUrl, caFile: usersProxy.caFile });
+      assert.equal(podman.code, 0, podman.stderr);
+      assert.equal(podman.image?.digest, images['team-app']!.manifestDigest);
+    }
+    if (!ctrUnavailable()) {
+      const containerd = await startContainerd();
+      try {
+        const ctr = await containerd.pull({ image: ref, proxyUrl, caFile: usersProxy.caFile });
+        assert.equal(ctr.code, 0, ctr.stderr);
+        assert.deepEqual((await containerd.images()).map((i) => i.digest), [images['team-app']!.manifestDigest]);
+        const refused = await containerd.pull({ image: ref, proxyUrl: usersProxy.url.replace('http://', 'http://ops:wrong@'), caFile: usersProxy.caFile });
+        assert.notEqual(refused.code, 0, 'a wrong proxy password fails the pull');
+      } finally {
+        await containerd.stop();
+      }
+    }
+    assert.ok(usersProxy.access.some((e) => e.user === 'ops' && e.type === 'manifest' && e.status === 200));
   });
 
   test('startup warns about registries shared through central credentials; no credential anywhere in logs or headers', () => {
