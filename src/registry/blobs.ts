@@ -12,7 +12,7 @@ import type { Fill, Fills } from '../cache/fills.ts';
 import type { CacheStatus, Logger } from '../log.ts';
 import { positionAt } from '../upstream/body.ts';
 import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
-import { describeUpstreamError, responseHeadersForClient } from '../upstream/forward.ts';
+import { describeUpstreamError, responseHeadersForClient, upstreamFailed } from '../upstream/forward.ts';
 import { requestFollowingRedirects, urlForLog } from '../upstream/redirects.ts';
 import { contextWith, endSpan, startUpstreamSpan } from '../tracing.ts';
 import { sendRegistryError } from './errors.ts';
@@ -152,10 +152,9 @@ async function headFromUpstream(req: IncomingMessage, res: ServerResponse, dispa
     res.end();
     return { status: response.statusCode, bytes: 0, cache: 'MISS', upstreamStatus: response.statusCode };
   } catch (err) {
-    const message = describeUpstreamError(err as Error);
-    endSpan(span, {}, message);
-    sendRegistryError(res, 502, 'UNAVAILABLE', `upstream ${blob.upstream.origin} failed: ${message}`);
-    return { status: 502, bytes: 0, cache: 'MISS', error: message };
+    const failed = upstreamFailed(res, err as Error, blob.upstream);
+    endSpan(span, {}, failed.error);
+    return { ...failed, cache: 'MISS' };
   }
 }
 
