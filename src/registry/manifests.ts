@@ -13,6 +13,7 @@ import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
 import { describeUpstreamError, responseHeadersForClient } from '../upstream/forward.ts';
 import type { RateLimits } from '../upstream/rate-limits.ts';
 import { endSpan, startUpstreamSpan } from '../tracing.ts';
+import { readAtMost } from '../upstream/body.ts';
 import { sendRegistryError } from './errors.ts';
 import type { ReadAccess, ReadVerdict } from './read-access.ts';
 import { parseDigest, type RepositoryName } from './route.ts';
@@ -205,7 +206,7 @@ async function fetchAndStore(upstream: Upstream, res: ServerResponse, accept: st
   deps.rateLimits.record(request.registry.key, response.headers);
   let body: Buffer | undefined;
   try {
-    body = await readLimited(response.body);
+    body = await readAtMost(response.body, MAX_MANIFEST_BYTES);
   } finally {
     endSpan(span, { 'http.response.status_code': response.statusCode, ...(body ? { 'pullthrough.bytes': body.length } : {}) }, body ? undefined : 'the body was cut or too large');
   }
@@ -306,18 +307,4 @@ function relayFailure(req: IncomingMessage, res: ServerResponse, failure: Extrac
     headers = { ...headers, 'content-type': 'application/json; charset=utf-8' };
   }
   return relay(req, res, failure.status, headers, body, 'MISS');
-}
-
-async function readLimited(body: AsyncIterable<Buffer> & { destroy(): void }): Promise<Buffer | undefined> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of body) {
-    size += chunk.length;
-    if (size > MAX_MANIFEST_BYTES) {
-      body.destroy();
-      return undefined;
-    }
-    chunks.push(chunk);
-  }
-  return Buffer.concat(chunks, size);
 }

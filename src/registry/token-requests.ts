@@ -9,11 +9,10 @@ import type { Dispatcher } from 'undici';
 import type { Credentials, Policy, ProxyUser, RegistryPolicy } from '../../config/policy.ts';
 import { mayRead } from '../proxy-users.ts';
 import { describeUpstreamError, requestHeadersForUpstream, responseHeadersForClient } from '../upstream/forward.ts';
-import { basicAuthorization, parseTokenResponse } from '../upstream/token-exchange.ts';
+import { readAtMost } from '../upstream/body.ts';
+import { basicAuthorization, MAX_TOKEN_RESPONSE_BYTES, parseTokenResponse } from '../upstream/token-exchange.ts';
 import { sendRegistryError } from './errors.ts';
 import { clientAuthorization, type UpstreamAuth } from './upstream-auth.ts';
-
-const MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024;
 
 export interface TokenRequestResult {
   status: number;
@@ -58,12 +57,12 @@ export async function forwardTokenRequest(
   let injected = true;
   try {
     response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/', method: 'GET', headers: { ...headers, authorization: basicAuthorization(credentials) } });
-    body = await readLimited(response.body);
+    body = await readToken(response.body);
     if (response.statusCode === 401) {
       // The service refused the central credentials: the client's own request, as it was.
       injected = false;
       response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/', method: 'GET', headers });
-      body = await readLimited(response.body);
+      body = await readToken(response.body);
     }
   } catch (err) {
     const message = `the token service ${target.origin} failed: ${describeUpstreamError(err as Error)}`;
@@ -87,16 +86,8 @@ export async function forwardTokenRequest(
   };
 }
 
-async function readLimited(body: Dispatcher.ResponseData['body']): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of body as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > MAX_TOKEN_RESPONSE_BYTES) {
-      body.destroy();
-      throw new Error(`a token response larger than ${MAX_TOKEN_RESPONSE_BYTES} bytes`);
-    }
-    chunks.push(chunk);
-  }
-  return Buffer.concat(chunks, size);
+async function readToken(body: Dispatcher.ResponseData['body']): Promise<Buffer> {
+  const read = await readAtMost(body, MAX_TOKEN_RESPONSE_BYTES);
+  if (!read) throw new Error(`a token response larger than ${MAX_TOKEN_RESPONSE_BYTES} bytes`);
+  return read;
 }

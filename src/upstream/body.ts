@@ -46,3 +46,18 @@ export async function positionAt(statusCode: number, headers: Record<string, str
   }
   return true;
 }
+
+/** The whole body, or undefined (and the body destroyed) once it passes `max` bytes. */
+export async function readAtMost(body: AsyncIterable<Buffer> & { destroy(): void }, max: number): Promise<Buffer | undefined> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of body) {
+    size += chunk.length;
+    if (size > max) {
+      body.destroy();
+      return undefined;
+    }
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks, size);
+}

@@ -7,6 +7,7 @@ import { SpanKind } from '@opentelemetry/api';
 import type { Dispatcher } from 'undici';
 import type { Credentials } from '../../config/policy.ts';
 import { endSpan, tracer } from '../tracing.ts';
+import { readAtMost } from './body.ts';
 
 export interface TokenRequest {
   /** The challenge's realm, e.g. https://auth.docker.io/token. */
@@ -23,7 +24,7 @@ export type TokenResult =
 
 /** The spec's default lifetime when a token service does not say (60 s). */
 const DEFAULT_EXPIRES_IN_S = 60;
-const MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024;
+export const MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024;
 /** Bound on cached tokens (one per registry, scope and identity in use). */
 const MAX_CACHED = 4096;
 
@@ -107,7 +108,7 @@ async function tokenByPost(dispatcher: Dispatcher, request: TokenRequest): Promi
 }
 
 async function tokenFrom(response: Dispatcher.ResponseData, request: TokenRequest): Promise<TokenResult> {
-  const text = await readText(response.body);
+  const text = (await readAtMost(response.body, MAX_TOKEN_RESPONSE_BYTES))?.toString('utf8') ?? '';
   if (response.statusCode !== 200) {
     return { ok: false, status: response.statusCode, error: `the token service ${request.realm.origin} answered ${response.statusCode}` };
   }
@@ -135,18 +136,4 @@ export function parseTokenResponse(text: string, now = Date.now()): { token: str
 
 export function basicAuthorization(credentials: Credentials): string {
   return `Basic ${Buffer.from(`${credentials.username}:${credentials.password}`).toString('base64')}`;
-}
-
-async function readText(body: Dispatcher.ResponseData['body']): Promise<string> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of body as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > MAX_TOKEN_RESPONSE_BYTES) {
-      body.destroy();
-      return '';
-    }
-    chunks.push(chunk);
-  }
-  return Buffer.concat(chunks).toString('utf8');
 }
