@@ -40,6 +40,7 @@ export function describePolicy(policy: Policy): string {
     source: policy.source,
     listen: `${policy.listen.host.includes(':') ? `[${policy.listen.host}]` : policy.listen.host}:${policy.listen.port}`,
     dataDir: policy.dataDir,
+    caDir: policy.caDir,
     cache: { maxSize: formatSize(policy.cache.maxSize), minFree: formatSize(policy.cache.minFree), readCheckTtl: formatDuration(policy.cache.readCheckTtlMs) },
     manifests: manifests(policy.manifests),
     defaults: { push: policy.defaults.push, tls: { verify: policy.defaults.tlsVerify }, timeouts: timeouts(policy.defaults.timeouts) },

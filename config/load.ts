@@ -47,7 +47,10 @@ export function loadPolicy(options: LoadOptions = {}): Policy {
   applySeedEnvironment(policy, env);
   linkTokenServices(policy);
   if (env.PULLTHROUGH_LISTEN) policy.listen = parseListen(env.PULLTHROUGH_LISTEN, (m) => { throw new ConfigError(`PULLTHROUGH_LISTEN: ${m}`); });
+  const caFollowsData = policy.caDir === policy.dataDir; // no caDir of its own: the CA moves with the data
   if (env.PULLTHROUGH_DATA_DIR) policy.dataDir = path.resolve(cwd, env.PULLTHROUGH_DATA_DIR);
+  if (env.PULLTHROUGH_CA_DIR) policy.caDir = path.resolve(cwd, env.PULLTHROUGH_CA_DIR);
+  else if (caFollowsData) policy.caDir = policy.dataDir;
   return policy;
 }
 
@@ -62,7 +65,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   }
   const src: Source = { file, lines, env };
   const root = new Cursor(doc.contents as Cursor['node'], '', src);
-  const top = root.entries(['listen', 'dataDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'users', 'hosts', 'ipv6', 'workers']);
+  const top = root.entries(['listen', 'dataDir', 'caDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'users', 'hosts', 'ipv6', 'workers']);
   const at = (key: string) => top.get(key) ?? new Cursor(null, key, src);
   const resolvePath = (p: string) => path.resolve(baseDir, p);
 
@@ -79,10 +82,12 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
     tlsVerify: defaultTls.get('verify')?.boolean() ?? true,
   };
 
+  const dataDir = resolvePath(at('dataDir').present ? at('dataDir').string() : './data');
   const policy: Policy = {
     source: file,
     listen,
-    dataDir: resolvePath(at('dataDir').present ? at('dataDir').string() : './data'),
+    dataDir,
+    caDir: at('caDir').present ? resolvePath(at('caDir').string()) : dataDir,
     cache: {
       maxSize: cache.get('maxSize')?.size() ?? 32 * 1024 ** 3,
       minFree: cache.get('minFree')?.size() ?? 1024 ** 3,

@@ -76,6 +76,12 @@ export interface Policy {
   source: string;
   listen: Listen;
   dataDir: string;
+  /**
+   * Where the CA lives (ca.crt, ca.key): the data directory unless proxy.yaml's caDir or
+   * PULLTHROUGH_CA_DIR says otherwise, so that it can be a volume of its own, or a read-only mount of
+   * a CA the operator made. leaf.key stays in dataDir, beside the leaves it is certified in.
+   */
+  caDir: string;
   cache: {
     maxSize: number;
     minFree: number;

@@ -3,8 +3,8 @@
 // forge builds the certificates (it speaks X.509), but its pure-JS RSA signing costs 27–42 ms a leaf;
 // signing the TBSCertificate with node:crypto costs ~0.6 ms. One leaf key pair serves every host, so a
 // new host costs one signature and one SecureContext (~2.3 ms), and adding a registry needs no restart.
-import { createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, sign, X509Certificate } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createPrivateKey, createPublicKey, generateKeyPairSync, randomBytes, sign, X509Certificate, type KeyObject } from 'node:crypto';
+import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
@@ -34,28 +34,43 @@ export class CertificateAuthority {
   private readonly caCert: forge.pki.Certificate;
   private readonly caKey: ReturnType<typeof createPrivateKey>;
   private readonly leafKeyPem: string;
+  private readonly leafKey: KeyObject;
   private readonly leafPublicKey: forge.pki.PublicKey;
   private readonly contexts = new Map<string, { context: tls.SecureContext; notAfter: number }>();
   private readonly store: LeafStore | undefined;
 
-  /** Loads ca.crt/ca.key from `dir` (bring your own by placing them there), or creates them once. */
-  static loadOrCreate(dir: string, store?: LeafStore): { ca: CertificateAuthority; created: boolean } {
-    mkdirSync(dir, { recursive: true });
-    const certFile = path.join(dir, 'ca.crt');
-    const keyFile = path.join(dir, 'ca.key');
+  /**
+   * Loads ca.crt/ca.key from `caDir` (bring your own by placing them there; a read-only mount such as a
+   * Kubernetes Secret will do), or creates them there once.
+   *
+   * leaf.key, the one key pair of every leaf, lives in `dataDir`: beside the LMDB index whose leaves
+   * certify it, generated once and kept with them, so that a restart serves the stored leaves instead of
+   * minting them again, and a read-only CA directory needs nothing written to it. (Held in memory only,
+   * it would be new at every start and every stored leaf would have to be minted again.)
+   */
+  static loadOrCreate(caDir: string, store?: LeafStore, dataDir = caDir): { ca: CertificateAuthority; created: boolean; copiedFrom?: string } {
+    const certFile = path.join(caDir, 'ca.crt');
+    const keyFile = path.join(caDir, 'ca.key');
     let created = false;
+    let copiedFrom: string | undefined;
     if (!existsSync(certFile) && !existsSync(keyFile)) {
-      const { certPem, keyPem } = createCa();
-      writeFileSync(keyFile, keyPem, { mode: 0o600 });
-      writeFileSync(certFile, certPem, { mode: 0o644 });
-      created = true;
+      // A CA already in the data directory (before caDir was set) stays the one clients trust.
+      const previous = path.resolve(dataDir) !== path.resolve(caDir) && existsSync(path.join(dataDir, 'ca.crt')) && existsSync(path.join(dataDir, 'ca.key'));
+      writeCa(caDir, previous ? { certPem: readPem(path.join(dataDir, 'ca.crt')), keyPem: readPem(path.join(dataDir, 'ca.key')) } : createCa());
+      if (previous) copiedFrom = dataDir;
+      else created = true;
     } else if (!existsSync(certFile) || !existsSync(keyFile)) {
-      throw new CertificateError(`${dir} has only one of ca.crt and ca.key; provide both (your own CA) or neither (a new one is created)`);
+      throw new CertificateError(`${caDir} has only one of ca.crt and ca.key; provide both (your own CA) or neither (a new one is created)`);
     }
-    // The key must stay private whoever created it.
-    chmodSync(keyFile, 0o600);
-    const leafKeyPem = loadOrCreateLeafKey(path.join(dir, 'leaf.key'));
-    return { ca: new CertificateAuthority(readFileSync(certFile, 'utf8'), readFileSync(keyFile, 'utf8'), leafKeyPem, store), created };
+    keepPrivate(keyFile);
+    const leafKeyPem = loadOrCreateLeafKey(dataDir);
+    const ca = new CertificateAuthority(readPem(certFile), readPem(keyFile), leafKeyPem, store);
+    return { ca, created, ...(copiedFrom ? { copiedFrom } : {}) };
+  }
+
+  /** Writes a new CA into `caDir` (where there is none: `ca rotate` has moved the old one aside). */
+  static create(caDir: string): void {
+    writeCa(caDir, createCa());
   }
 
   constructor(certPem: string, keyPem: string, leafKeyPem: string, store?: LeafStore) {
@@ -75,9 +90,8 @@ export class CertificateAuthority {
     this.fingerprint = x509.fingerprint256;
     this.notAfter = new Date(x509.validTo);
     this.leafKeyPem = leafKeyPem;
-    this.leafPublicKey = forge.pki.publicKeyFromPem(
-      createPublicKey(leafKeyPem).export({ type: 'spki', format: 'pem' }).toString(),
-    );
+    this.leafKey = createPublicKey(leafKeyPem);
+    this.leafPublicKey = forge.pki.publicKeyFromPem(this.leafKey.export({ type: 'spki', format: 'pem' }).toString());
     this.store = store;
   }
 
@@ -93,7 +107,7 @@ export class CertificateAuthority {
     }
     const storeKey = `${this.fingerprint}/${host}`;
     let certPem = this.store?.get(storeKey);
-    if (!certPem || new X509Certificate(certPem).validToDate.getTime() - now <= LEAF_RENEW_BEFORE_MS) {
+    if (!certPem || !this.reusable(new X509Certificate(certPem), now)) {
       certPem = this.mintLeaf(host);
       this.store?.put(storeKey, certPem);
     }
@@ -101,6 +115,14 @@ export class CertificateAuthority {
     this.contexts.set(host, { context, notAfter: new X509Certificate(certPem).validToDate.getTime() });
     if (this.contexts.size > MEMORY_CACHE_SIZE) this.contexts.delete(this.contexts.keys().next().value!);
     return context;
+  }
+
+  /**
+   * A stored leaf is served again while it is not about to expire and certifies the leaf key in use
+   * (one minted for a leaf.key since deleted would not match it).
+   */
+  private reusable(leaf: X509Certificate, now: number): boolean {
+    return leaf.validToDate.getTime() - now > LEAF_RENEW_BEFORE_MS && leaf.publicKey.equals(this.leafKey);
   }
 
   /** When each leaf in use (the ones held in memory) expires, for the metrics. */
@@ -150,15 +172,62 @@ function createCa(): { certPem: string; keyPem: string } {
   return { certPem: signNatively(cert, privateKey), keyPem: privateKey.export({ type: 'pkcs8', format: 'pem' }).toString() };
 }
 
-function loadOrCreateLeafKey(file: string): string {
+function writeCa(caDir: string, { certPem, keyPem }: { certPem: string; keyPem: string }): void {
+  try {
+    mkdirSync(caDir, { recursive: true });
+    writeFileSync(path.join(caDir, 'ca.key'), keyPem, { mode: 0o600, flag: 'wx' });
+    writeFileSync(path.join(caDir, 'ca.crt'), certPem, { mode: 0o644, flag: 'wx' });
+  } catch (err) {
+    throw new CertificateError(`cannot create the CA in ${caDir} (${errorCode(err)}): make that directory writable by the proxy, or place your own ca.crt and ca.key in it`);
+  }
+}
+
+function loadOrCreateLeafKey(dataDir: string): string {
+  const file = path.join(dataDir, 'leaf.key');
   if (existsSync(file)) {
-    chmodSync(file, 0o600);
-    return readFileSync(file, 'utf8');
+    keepPrivate(file);
+    return readPem(file);
   }
   const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
   const pem = privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+  mkdirSync(dataDir, { recursive: true });
   writeFileSync(file, pem, { mode: 0o600 });
   return pem;
+}
+
+/**
+ * A private key must stay private whoever created it. Mode 0600 or 0400 (nothing for group and others)
+ * is left as it is: a chmod on a read-only mount fails with EROFS. A looser key is made 0600; when that
+ * fails (a read-only mount, another user's file), one looser case is still accepted: readable by a group
+ * the proxy is in and by nobody else. That is how Kubernetes mounts a Secret into a pod with fsGroup
+ * (owned by root, group fsGroup, 0440 whatever defaultMode says: kubernetes/kubernetes#57923), and the
+ * only way a non-root proxy can read a root-owned key. Anything else is refused.
+ */
+function keepPrivate(file: string): void {
+  const { mode, gid } = statSync(file);
+  if ((mode & 0o077) === 0) return;
+  try {
+    chmodSync(file, 0o600);
+  } catch (err) {
+    const ownGroups = [process.getgid?.(), ...(process.getgroups?.() ?? [])];
+    if ((mode & 0o037) === 0 && ownGroups.includes(gid)) return;
+    throw new CertificateError(
+      `${file} is readable by other users (mode ${(mode & 0o777).toString(8).padStart(4, '0')}) and cannot be made 0600 (${errorCode(err)}): ` +
+        'give it mode 0600 or 0400 where it comes from (a Kubernetes Secret: defaultMode: 0400)',
+    );
+  }
+}
+
+function readPem(file: string): string {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new CertificateError(`cannot read ${file} (${errorCode(err)}): it must be readable by the proxy's user`);
+  }
+}
+
+function errorCode(err: unknown): string {
+  return (err as NodeJS.ErrnoException).code ?? (err as Error).message;
 }
 
 /** Signs the TBSCertificate with node:crypto (fast) and lets forge encode the result. */

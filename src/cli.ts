@@ -115,12 +115,18 @@ program
 
 const ca = program.command('ca').description('print the CA in use: subject, fingerprint, validity and PEM');
 ca.action(() => {
-  process.stdout.write(describeCa(loadPolicyOrExit().dataDir));
+  process.stdout.write(describeCa(loadPolicyOrExit().caDir));
 });
 ca.command('rotate')
   .description('replace the CA with a new one (the old pair is kept beside it) and drop the old leaves')
   .action(async () => {
-    process.stdout.write(await rotateCa(loadPolicyOrExit().dataDir));
+    const policy = loadPolicyOrExit();
+    try {
+      process.stdout.write(await rotateCa(policy.caDir, policy.dataDir));
+    } catch (err) {
+      process.stderr.write(`pullthrough ca rotate: ${(err as Error).message}\n`);
+      process.exit(1);
+    }
   });
 
 /** --proxy, else $PULLTHROUGH_PROXY, else the policy's listen address (0.0.0.0 reached as 127.0.0.1). */

@@ -58,14 +58,14 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   };
   mkdirSync(policy.dataDir, { recursive: true });
   const index = openIndex(policy.dataDir);
-  const { ca, created } = CertificateAuthority.loadOrCreate(policy.dataDir, index.leafCertificates);
-  log.info(created ? 'created a new CA; clients must trust it (GET /ca.crt)' : 'using the CA in the data directory', {
-    dataDir: policy.dataDir,
+  const { ca, created, copiedFrom } = CertificateAuthority.loadOrCreate(policy.caDir, index.leafCertificates, policy.dataDir);
+  log.info(created ? 'created a new CA; clients must trust it (GET /ca.crt)' : copiedFrom ? 'copied the CA of the data directory into caDir' : 'using the CA in caDir', {
+    caDir: policy.caDir,
     fingerprint: ca.fingerprint,
     notAfter: ca.notAfter.toISOString(),
   });
   if (ca.notAfter.getTime() - Date.now() < CA_EXPIRY_WARNING_MS) {
-    log.warn('the proxy CA expires soon: replace ca.crt/ca.key in the data directory and redistribute /ca.crt', { notAfter: ca.notAfter.toISOString() });
+    log.warn('the proxy CA expires soon: replace ca.crt/ca.key in caDir and redistribute /ca.crt', { notAfter: ca.notAfter.toISOString() });
   }
 
   const lookup = createLookup(policy.hosts, policy.ipv6);

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
-import { mkdtempSync, statSync, writeFileSync, rmSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
@@ -76,6 +76,68 @@ describe('the proxy CA', () => {
     assert.equal(ca.fingerprint, new X509Certificate(own.certPem).fingerprint256);
     assert.equal(statSync(path.join(dir, 'ca.key')).mode & 0o777, 0o600, 'the key is made private');
     assert.ok(new X509Certificate(ca.mintLeaf('x.test')).checkIssued(new X509Certificate(own.certPem)));
+  });
+
+  test('a CA directory of its own is only read when it holds the CA; leaf.key lives in the data directory', async () => {
+    const caDir = fresh();
+    const dataDir = fresh();
+    const own = createTestCa('Secret CA');
+    writeFileSync(path.join(caDir, 'ca.crt'), own.certPem, { mode: 0o444 });
+    writeFileSync(path.join(caDir, 'ca.key'), own.keyPem, { mode: 0o400 });
+    chmodSync(caDir, 0o555);
+    const before = readdirSync(caDir).map((f) => `${f} ${statSync(path.join(caDir, f)).mode.toString(8)} ${statSync(path.join(caDir, f)).mtimeMs}`);
+    let index = openIndex(dataDir);
+    const first = CertificateAuthority.loadOrCreate(caDir, index.leafCertificates, dataDir);
+    assert.equal(first.created, false);
+    assert.equal(first.ca.fingerprint, new X509Certificate(own.certPem).fingerprint256);
+    first.ca.secureContextFor('registry.test');
+    const after = readdirSync(caDir).map((f) => `${f} ${statSync(path.join(caDir, f)).mode.toString(8)} ${statSync(path.join(caDir, f)).mtimeMs}`);
+    assert.deepEqual(after, before, 'nothing written, nothing chmod-ed: a 0400 key is private enough');
+    assert.equal(statSync(path.join(dataDir, 'leaf.key')).mode & 0o777, 0o600);
+    await index.root.committed;
+    await index.close();
+
+    // A restart finds leaf.key and the stored leaf again: nothing is minted.
+    index = openIndex(dataDir);
+    const { ca: restarted } = CertificateAuthority.loadOrCreate(caDir, index.leafCertificates, dataDir);
+    let minted = 0;
+    const mint = restarted.mintLeaf.bind(restarted);
+    restarted.mintLeaf = (host: string) => (minted++, mint(host));
+    restarted.secureContextFor('registry.test');
+    assert.equal(minted, 0, 'served from the store');
+    await index.close();
+
+    // Without leaf.key (deleted, or a new data directory) a new one is made and the stored leaf, which
+    // certifies the old key, is minted again instead of failing the handshake.
+    unlinkSync(path.join(dataDir, 'leaf.key'));
+    index = openIndex(dataDir);
+    const { ca: rekeyed } = CertificateAuthority.loadOrCreate(caDir, index.leafCertificates, dataDir);
+    const remint = rekeyed.mintLeaf.bind(rekeyed);
+    rekeyed.mintLeaf = (host: string) => (minted++, remint(host));
+    assert.ok(rekeyed.secureContextFor('registry.test'));
+    assert.equal(minted, 1);
+    await index.close();
+    chmodSync(caDir, 0o755);
+  });
+
+  test('an empty CA directory takes the CA already in the data directory, so clients keep trusting it', () => {
+    const dataDir = fresh();
+    const { ca: before } = CertificateAuthority.loadOrCreate(dataDir);
+    const caDir = path.join(fresh(), 'ca');
+    const moved = CertificateAuthority.loadOrCreate(caDir, undefined, dataDir);
+    assert.equal(moved.created, false);
+    assert.equal(moved.copiedFrom, dataDir);
+    assert.equal(moved.ca.fingerprint, before.fingerprint);
+    assert.equal(readFileSync(path.join(caDir, 'ca.key'), 'utf8'), readFileSync(path.join(dataDir, 'ca.key'), 'utf8'));
+    assert.equal(statSync(path.join(caDir, 'ca.key')).mode & 0o777, 0o600);
+    assert.ok(!existsSync(path.join(caDir, 'leaf.key')), 'leaf.key stays in the data directory');
+  });
+
+  test('a CA directory that cannot be written and holds no CA is refused with what to do', { skip: process.getuid?.() === 0 && 'root writes into a 0555 directory (test/ca-dir.test.ts uses a read-only mount)' }, () => {
+    const caDir = fresh();
+    chmodSync(caDir, 0o555);
+    assert.throws(() => CertificateAuthority.loadOrCreate(caDir, undefined, fresh()), /cannot create the CA in .* \(EACCES\): make that directory writable by the proxy, or place your own ca\.crt and ca\.key in it/);
+    chmodSync(caDir, 0o755);
   });
 
   test('an inconsistent CA is refused with a clear message', () => {

@@ -3,12 +3,12 @@
 import { X509Certificate } from 'node:crypto';
 import { chmodSync, existsSync, readFileSync, renameSync } from 'node:fs';
 import path from 'node:path';
-import { CertificateAuthority } from '../ca.ts';
+import { CertificateAuthority, CertificateError } from '../ca.ts';
 import { openIndex } from '../cache/index.ts';
 
-export function describeCa(dataDir: string): string {
-  const file = path.join(dataDir, 'ca.crt');
-  if (!existsSync(file)) return `no CA yet in ${dataDir}: it is created at the first start\n`;
+export function describeCa(caDir: string): string {
+  const file = path.join(caDir, 'ca.crt');
+  if (!existsSync(file)) return `no CA yet in ${caDir}: it is created at the first start\n`;
   const pem = readFileSync(file, 'utf8');
   const cert = new X509Certificate(pem);
   const daysLeft = Math.floor((cert.validToDate.getTime() - Date.now()) / 86_400_000);
@@ -23,19 +23,28 @@ export function describeCa(dataDir: string): string {
   ].join('\n');
 }
 
-export async function rotateCa(dataDir: string): Promise<string> {
+/** Rotates the CA in `caDir`; the leaves (and leaf.key) are in `dataDir`'s index. */
+export async function rotateCa(caDir: string, dataDir = caDir): Promise<string> {
   const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-  const old = path.join(dataDir, 'ca.crt');
+  const old = path.join(caDir, 'ca.crt');
   let previous = '';
   if (existsSync(old)) {
     previous = new X509Certificate(readFileSync(old, 'utf8')).fingerprint256;
-    renameSync(old, `${old}.old-${stamp}`);
-    renameSync(path.join(dataDir, 'ca.key'), path.join(dataDir, `ca.key.old-${stamp}`));
-    chmodSync(path.join(dataDir, `ca.key.old-${stamp}`), 0o600);
+    try {
+      renameSync(old, `${old}.old-${stamp}`);
+    } catch (err) {
+      // A CA mounted read-only (a Secret, say) is replaced where it comes from, not here.
+      throw new CertificateError(
+        `cannot rotate the CA in ${caDir} (${(err as NodeJS.ErrnoException).code}): replace ca.crt and ca.key where that directory comes from, then restart the proxy`,
+      );
+    }
+    renameSync(path.join(caDir, 'ca.key'), path.join(caDir, `ca.key.old-${stamp}`));
+    chmodSync(path.join(caDir, `ca.key.old-${stamp}`), 0o600);
   }
+  CertificateAuthority.create(caDir);
   const index = openIndex(dataDir);
   try {
-    const { ca } = CertificateAuthority.loadOrCreate(dataDir, index.leafCertificates);
+    const { ca } = CertificateAuthority.loadOrCreate(caDir, index.leafCertificates, dataDir);
     const dropped = await index.dropLeavesExcept(ca.fingerprint);
     return [
       `new CA: SHA256 ${ca.fingerprint} (valid to ${ca.notAfter.toISOString()})`,

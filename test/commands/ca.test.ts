@@ -31,3 +31,27 @@ test('ca prints the CA; ca rotate makes a new one, keeps the old pair and drops 
   await index.close();
   assert.ok(existsSync(path.join(dir, 'ca.crt')));
 });
+
+test('with a CA directory of its own, ca rotate replaces the CA there and drops the leaves in the data directory', async () => {
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-ca-cmd-data-'));
+  const caDir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-ca-cmd-ca-'));
+  // A CA left in the data directory from before caDir was set: rotate must not bring it back.
+  const { ca: leftOver } = CertificateAuthority.loadOrCreate(dataDir);
+  let index = openIndex(dataDir);
+  const { ca: old, copiedFrom } = CertificateAuthority.loadOrCreate(caDir, index.leafCertificates, dataDir);
+  assert.equal(copiedFrom, dataDir);
+  old.secureContextFor('registry.test');
+  await index.root.committed;
+  await index.close();
+  assert.match(describeCa(caDir), new RegExp(`file:\\s+${path.join(caDir, 'ca.crt')}`));
+
+  const report = await rotateCa(caDir, dataDir);
+  assert.match(report, /1 leaf certificates dropped/);
+  index = openIndex(dataDir);
+  const { ca: fresh } = CertificateAuthority.loadOrCreate(caDir, index.leafCertificates, dataDir);
+  assert.notEqual(fresh.fingerprint, leftOver.fingerprint, 'a new CA, not the one left in the data directory');
+  assert.equal(index.leafCertificates.get(`${old.fingerprint}/registry.test`), undefined);
+  await index.close();
+  assert.equal(readdirSync(caDir).filter((f) => f.startsWith('ca.key.old-')).length, 1);
+  assert.deepEqual(readdirSync(caDir).filter((f) => f === 'leaf.key'), [], 'leaf.key stays in the data directory');
+});

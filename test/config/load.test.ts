@@ -87,6 +87,15 @@ registries:
     assert.equal(policy.dataDir, path.join(dir, 'd'));
   });
 
+  test('caDir: relative to the file; without it the CA follows dataDir; PULLTHROUGH_CA_DIR overrides', () => {
+    assert.equal(policyFrom('dataDir: /var/pt\ncaDir: ca\n').caDir, path.join(dir, 'ca'));
+    assert.equal(policyFrom('dataDir: /var/pt\n').caDir, '/var/pt');
+    assert.equal(policyFrom('dataDir: /var/pt\n', { PULLTHROUGH_DATA_DIR: '/data' }).caDir, '/data', 'no caDir: wherever the data goes');
+    assert.equal(policyFrom('caDir: /etc/pt-ca\n', { PULLTHROUGH_DATA_DIR: '/data' }).caDir, '/etc/pt-ca');
+    assert.equal(policyFrom('caDir: /etc/pt-ca\n', { PULLTHROUGH_CA_DIR: 'secret' }).caDir, path.join(dir, 'secret'), 'relative to the working directory');
+    assert.match(errorOf('caDir: [a]\n'), /:1:\d+: caDir: /);
+  });
+
   test('tiers are anchored regexes, first match wins', () => {
     const policy = policyFrom('manifests:\n  tiers:\n    - { match: "v\\\\d+", ttl: 5m }\n    - { match: ".*", ttl: 1d }\n');
     const ttlFor = (tag: string) => policy.manifests.tiers.find((t) => t.regex.test(tag))?.ttlMs;

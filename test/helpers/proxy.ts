@@ -54,7 +54,7 @@ export async function startTestProxy(yaml = '', env: NodeJS.ProcessEnv = {}, dat
     error: (message: string, fields?: Record<string, unknown>) => record(JSON.stringify({ level: 'error', message, ...fields })),
   };
   const proxy = await startProxy(policy, log);
-  const caFile = path.join(policy.dataDir, 'ca.crt');
+  const caFile = path.join(policy.caDir, 'ca.crt');
   return {
     proxy,
     port: proxy.port,
