@@ -1,10 +1,35 @@
 # pullthrough: a caching HTTPS proxy for container registries.
-# Data (cache, index) and the CA live under /data: mount a volume there. The root filesystem can be
-# read-only. Configure with /etc/pullthrough/proxy.yaml or environment variables alone.
+#
+#   docker run -d -p 3128:3128 -v pullthrough:/data --read-only -e REGISTRIES="quay.io ghcr.io" pullthrough
+#
+# Everything it writes (the CA ca.crt/ca.key, leaf.key, the LMDB index, the blob store, request-buffering
+# spool files under tmp/) lives under /data: mount a volume there. Nothing else is written, so the root
+# filesystem can be read-only and no tmpfs is needed (test/e2e/container.test.ts checks both).
+# PULLTHROUGH_CA_DIR=/ca moves the CA to a volume of its own (deploy/compose.yaml and deploy/kubernetes
+# do): /ca exists for it, owned by the proxy's user, so that a new named volume there is writable. It may
+# also be a read-only mount of your own ca.crt and ca.key (key mode 0600 or 0400).
+#
+# Configure with environment variables alone, as rpardini/docker-registry-proxy was (config/seed-env.ts
+# maps them onto /app/proxy.yaml, the default policy):
+#   REGISTRIES="quay.io ghcr.io"                       extra registries to intercept and cache
+#   AUTH_REGISTRIES="auth.docker.io:user:token quay.io:user:password"
+#   AUTH_REGISTRIES_DELIMITER / AUTH_REGISTRY_DELIMITER  separators of the list above (" " and ":")
+#   ENABLE_MANIFEST_CACHE=true                          tag caching, with its tiers and default:
+#     MANIFEST_CACHE_PRIMARY_REGEX, MANIFEST_CACHE_PRIMARY_TIME, MANIFEST_CACHE_SECONDARY_REGEX,
+#     MANIFEST_CACHE_SECONDARY_TIME, MANIFEST_CACHE_DEFAULT_TIME
+#   ALLOW_PUSH, VERIFY_SSL, DISABLE_IPV6, CACHE_MAX_SIZE, PROXY_REQUEST_BUFFERING
+#   SEND_TIMEOUT, CLIENT_BODY_TIMEOUT, CLIENT_HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, PROXY_READ_TIMEOUT,
+#     PROXY_CONNECT_TIMEOUT, PROXY_SEND_TIMEOUT, PROXY_CONNECT_CONNECT_TIMEOUT,
+#     PROXY_CONNECT_READ_TIMEOUT, PROXY_CONNECT_SEND_TIMEOUT
+# or mount a policy file and point PULLTHROUGH_CONFIG at it (its ${VAR}s read the environment);
+# PULLTHROUGH_LISTEN and PULLTHROUGH_DATA_DIR below override its listen and dataDir, PULLTHROUGH_CA_DIR
+# (unset: the CA is in the data directory) its caDir.
+# NODE_EXTRA_CA_CERTS=/path/ca.pem adds CAs trusted for upstream registries; OTEL_* turn tracing on.
 
 FROM node:24-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
+# Prebuilt native modules (lmdb, msgpackr-extract) come as optional packages: no install script needed.
 RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
 COPY src ./src
 COPY config ./config
@@ -21,14 +46,17 @@ ENV NODE_ENV=production \
     PULLTHROUGH_DATA_DIR=/data \
     PULLTHROUGH_LISTEN=0.0.0.0:3128
 WORKDIR /app
+# Owned by root: the proxy's user can read the application but not change it.
 COPY --from=build /app/node_modules ./node_modules
 COPY --from=build /app/dist ./dist
 COPY package.json proxy.yaml ./
-RUN mkdir -p /data && chown node:node /data
-USER node
+RUN mkdir -p /data /ca && chown 1000:1000 /data /ca
+# The image's "node" user, by number: Kubernetes' runAsNonRoot can only verify a numeric user.
+USER 1000:1000
 VOLUME ["/data"]
 EXPOSE 3128
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
-  CMD ["node", "-e", "fetch('http://127.0.0.1:3128/healthz').then(r => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+# The port is taken from PULLTHROUGH_LISTEN, so the check follows it when it is changed.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["node", "-e", "const port = (process.env.PULLTHROUGH_LISTEN || '3128').replace(/^.*:/, ''); fetch('http://127.0.0.1:' + port + '/healthz', { signal: AbortSignal.timeout(4000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
 ENTRYPOINT ["node", "dist/src/cli.js"]
 CMD ["start"]
