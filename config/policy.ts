@@ -98,7 +98,7 @@ export interface Policy {
   hosts: Map<string, string>;
   /** false: upstream connections use IPv4 only (the seed's DISABLE_IPV6). */
   ipv6: boolean;
-  /** The seed's PROXY_REQUEST_BUFFERING; uploads are always streamed, this is kept for check-config. */
+  /** The seed's PROXY_REQUEST_BUFFERING: uploads are written whole to dataDir/tmp before they go upstream. */
   requestBuffering: boolean;
   /** Worker threads that run blob fills. */
   workers: number;

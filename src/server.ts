@@ -56,7 +56,8 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
       metrics?.observe(entry);
     },
   };
-  mkdirSync(policy.dataDir, { recursive: true });
+  // The cache holds private images: only the proxy's user may look inside.
+  mkdirSync(policy.dataDir, { recursive: true, mode: 0o700 });
   const index = openIndex(policy.dataDir);
   const { ca, created, copiedFrom } = CertificateAuthority.loadOrCreate(policy.caDir, index.leafCertificates, policy.dataDir);
   log.info(created ? 'created a new CA; clients must trust it (GET /ca.crt)' : copiedFrom ? 'copied the CA of the data directory into caDir' : 'using the CA in caDir', {

@@ -89,7 +89,7 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
           // The file exists before anyone is told, so every reader can open it. A retry from byte 0 (cut
           // before the first byte) writes into the same file.
           try {
-            file ??= await open(task.partPath, 'w', 0o644);
+            file ??= await open(task.partPath, 'w', 0o600); // private images among them: the proxy's alone
           } catch (err) {
             response.body.destroy();
             return { kind: 'failed', reason: `cannot create the cache file: ${describe(err)}`, offset: 0, writeError: true };
