@@ -91,7 +91,9 @@ async function purge(req: IncomingMessage, res: ServerResponse, deps: AdminDeps)
 }
 
 function send(res: ServerResponse, status: number, type: string, body: string, headers: Record<string, string> = {}): number {
-  res.writeHead(status, { 'Content-Type': type, 'Content-Length': Buffer.byteLength(body), 'Cache-Control': 'no-store', ...headers });
+  // Set one by one (not as writeHead's argument) so the access log can read Content-Length back.
+  for (const [name, value] of Object.entries({ 'Content-Type': type, 'Content-Length': String(Buffer.byteLength(body)), 'Cache-Control': 'no-store', ...headers })) res.setHeader(name, value);
+  res.writeHead(status);
   res.end(res.req.method === 'HEAD' ? undefined : body);
   return status;
 }

@@ -33,7 +33,11 @@ describe('admin surface', () => {
     const res = await request(`${proxy.url}/ca.crt`);
     assert.equal(res.statusCode, 200);
     assert.equal(res.headers['content-type'], 'application/x-pem-file');
-    assert.equal(await res.body.text(), readFileSync(path.join(proxy.dir, 'data', 'ca.crt'), 'utf8'));
+    const pem = readFileSync(path.join(proxy.dir, 'data', 'ca.crt'), 'utf8');
+    assert.equal(await res.body.text(), pem);
+    // The access log counts the bytes an admin answer carried.
+    for (let i = 0; i < 50 && !proxy.access.some((e) => e.path === '/ca.crt'); i++) await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.equal(proxy.access.find((e) => e.path === '/ca.crt')?.bytes, Buffer.byteLength(pem));
   });
 
   test('/setup/<runtime> is a script naming the proxy as the client reached it, with the CA inside', async () => {
