@@ -18,7 +18,7 @@ import { contextWith, endSpan, startUpstreamSpan } from '../tracing.ts';
 import { sendRegistryError } from './errors.ts';
 import { parseRange } from './range.ts';
 import type { ReadAccess } from './read-access.ts';
-import type { UpstreamAuth, UpstreamTarget } from './upstream-auth.ts';
+import type { AuthDecision, UpstreamAuth, UpstreamTarget } from './upstream-auth.ts';
 import type { Digest, RepositoryName } from './route.ts';
 
 export interface BlobRequest {
@@ -69,7 +69,7 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
       // Evicted between the lookup and the open: a miss after all.
     }
 
-    if (head) return headFromUpstream(req, res, dispatcher, blob, deps.auth);
+    if (head) return headFromUpstream(req, res, dispatcher, blob, deps.auth, await deps.auth.decide(req, targetOf(blob)));
 
     let decision = await deps.auth.decide(req, targetOf(blob));
     for (let attempt = 0; ; attempt++) {
@@ -140,10 +140,10 @@ async function joinFill(req: IncomingMessage, res: ServerResponse, dispatcher: D
 }
 
 /** An uncached HEAD stays a HEAD upstream and never downloads a body. */
-async function headFromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, auth: UpstreamAuth): Promise<BlobResult> {
+async function headFromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, auth: UpstreamAuth, decision: AuthDecision): Promise<BlobResult> {
   const span = startUpstreamSpan('HEAD', () => blobUrl(blob));
   try {
-    const { response } = await auth.request(req, targetOf(blob), (authorization) =>
+    const { response } = await auth.request(targetOf(blob), decision, (authorization) =>
       dispatcher.request({ origin: blob.upstream.origin, path: blobUpstreamUrl(blob).pathname, method: 'HEAD', headers: fillHeaders(req, authorization) }),
     );
     await response.body.dump();

@@ -107,10 +107,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       return;
     }
     if (route.kind === 'ping' && reading) {
-      // A client without credentials of a Basic registry with central ones: the proxy logs in for it
-      // (a Bearer challenge is passed on: clients fetch tokens from the realm, where the proxy injects).
-      const decision = clientAuthorization(req) || !registry.auth ? undefined : await deps.auth.proxyDecision({ registry, upstream, hostHeader });
-      const authorization = decision?.authorization?.startsWith('Basic ') ? decision.authorization : undefined;
+      const authorization = clientAuthorization(req) ? undefined : await deps.auth.centralBasic({ registry, upstream, hostHeader });
       const result = await ping(req, res, { dispatcher, origin: upstream.origin, hostHeader, ...(authorization ? { authorization } : {}) }, deps.manifestStore.holdsAny(registry.key));
       log({ ...access, ...result, type: 'ping', ms: elapsed(started) });
       return;
@@ -196,8 +193,7 @@ async function ping(req: IncomingMessage, res: ServerResponse, target: ForwardTa
   let error: string;
   let caught: Error | undefined;
   try {
-    const headers = requestHeadersForUpstream(req, target.hostHeader);
-    if (target.authorization) headers.authorization = target.authorization;
+    const headers = requestHeadersForUpstream(req, target.hostHeader, target.authorization);
     response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/v2/', method, headers });
     error = `upstream answered ${response.statusCode}`;
     endSpan(span, { 'http.response.status_code': response.statusCode });

@@ -260,7 +260,8 @@ async function upstreamRequest(upstream: Upstream, method: 'GET' | 'HEAD'): Prom
     const value = req.headers[name];
     if (value !== undefined) headers[name] = Array.isArray(value) ? value.join(', ') : value;
   }
-  const { response, decision } = await upstream.deps.auth.request(req, targetOf(request), (authorization) =>
+  const target = targetOf(request);
+  const { response, decision } = await upstream.deps.auth.request(target, await upstream.deps.auth.decide(req, target), (authorization) =>
     upstream.dispatcher.request({ origin: request.upstream.origin, path: manifestPath(request), method, headers: { ...headers, ...(authorization ? { authorization } : {}) } }),
   );
   return { response, access: decision.access };

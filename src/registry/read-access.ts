@@ -75,7 +75,7 @@ export class ReadAccess {
     const accept = check.req.headers.accept;
     let verdict: ReadVerdict;
     try {
-      const { response } = await this.auth.request(check.req, check.target, (authorization) =>
+      const { response } = await this.auth.request(check.target, decision, (authorization) =>
         dispatcher.request({
           origin: check.target.upstream.origin,
           path: check.path,

@@ -51,18 +51,19 @@ export async function forwardTokenRequest(
   auth: UpstreamAuth,
 ): Promise<TokenRequestResult> {
   const started = performance.now();
-  const headers = requestHeadersForUpstream(req, target.hostHeader);
+  const get = async (authorization?: string) => {
+    const response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/', method: 'GET', headers: requestHeadersForUpstream(req, target.hostHeader, authorization) });
+    return { response, body: await readToken(response.body) };
+  };
   let response: Dispatcher.ResponseData;
   let body: Buffer;
   let injected = true;
   try {
-    response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/', method: 'GET', headers: { ...headers, authorization: basicAuthorization(credentials) } });
-    body = await readToken(response.body);
+    ({ response, body } = await get(basicAuthorization(credentials)));
     if (response.statusCode === 401) {
       // The service refused the central credentials: the client's own request, as it was.
       injected = false;
-      response = await target.dispatcher.request({ origin: target.origin, path: req.url ?? '/', method: 'GET', headers });
-      body = await readToken(response.body);
+      ({ response, body } = await get());
     }
   } catch (err) {
     const message = `the token service ${target.origin} failed: ${describeUpstreamError(err as Error)}`;

@@ -84,8 +84,8 @@ export class UpstreamAuth {
   }
 
   /** A request with the decided Authorization, once more with a fresh one after a 401 the proxy caused. */
-  async request(req: IncomingMessage | undefined, target: UpstreamTarget, send: (authorization: string | undefined) => Promise<Dispatcher.ResponseData>): Promise<{ response: Dispatcher.ResponseData; decision: AuthDecision }> {
-    let decision = req ? await this.decide(req, target) : await this.proxyDecision(target);
+  async request(target: UpstreamTarget, decided: AuthDecision, send: (authorization: string | undefined) => Promise<Dispatcher.ResponseData>): Promise<{ response: Dispatcher.ResponseData; decision: AuthDecision }> {
+    let decision = decided;
     let response = await send(decision.authorization);
     if (response.statusCode === 401 && decision.byProxy) {
       const next = await this.retryAfter401(target, decision, response.headers['www-authenticate']);
@@ -96,6 +96,17 @@ export class UpstreamAuth {
       }
     }
     return { response, decision };
+  }
+
+  /**
+   * The central Basic login, for a ping of a Basic registry by a client without credentials (so that
+   * clients which only log in after a challenge still pull). A Bearer challenge gets nothing: clients
+   * fetch their tokens from the realm, where the proxy injects.
+   */
+  async centralBasic(target: UpstreamTarget): Promise<string | undefined> {
+    if (!target.registry.auth) return undefined;
+    const challenge = await this.challengeFor(target);
+    return challenge?.scheme === 'basic' ? basicAuthorization(target.registry.auth) : undefined;
   }
 
   /** A token a client got from the realm with central credentials the proxy put in (R6: 'central'). */

@@ -40,7 +40,8 @@ export interface ForwardResult {
   error?: string;
 }
 
-export function requestHeadersForUpstream(req: IncomingMessage, hostHeader: string): Record<string, string | string[]> {
+/** The client's end-to-end headers, for `hostHeader`; `authorization`: the proxy's, for a client that sent none. */
+export function requestHeadersForUpstream(req: IncomingMessage, hostHeader: string, authorization?: string): Record<string, string | string[]> {
   const headers: Record<string, string | string[]> = {};
   const connectionTokens = new Set(String(req.headers.connection ?? '').toLowerCase().split(/\s*,\s*/));
   for (const [name, value] of Object.entries(req.headers)) {
@@ -48,6 +49,7 @@ export function requestHeadersForUpstream(req: IncomingMessage, hostHeader: stri
     headers[name] = value;
   }
   headers.host = hostHeader;
+  if (authorization) headers.authorization = authorization;
   return headers;
 }
 
@@ -66,8 +68,7 @@ export async function forward(req: IncomingMessage, res: ServerResponse, target:
   const method = req.method ?? 'GET';
   const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
   let spooled: SpooledBody | undefined;
-  const headers = requestHeadersForUpstream(req, target.hostHeader);
-  if (target.authorization) headers.authorization = target.authorization;
+  const headers = requestHeadersForUpstream(req, target.hostHeader, target.authorization);
   if (hasBody && target.spoolDir) {
     try {
       spooled = await spool(req, target.spoolDir);
