@@ -1,6 +1,9 @@
 // The manifest cache, in LMDB. Bodies are kept by digest, exactly as received (bytes, type), per
-// registry and repository; tags point at a digest per normalised Accept set, with the time upstream
-// last confirmed them. A digest never expires; a tag is fresh for its TTL tier and then revalidated.
+// registry and repository. A tag is kept once per registry, repository and tag, whatever client asked:
+// it holds the variants upstream gave (one per media type, usually one), each with the Accept set that
+// fetched it and the time upstream last confirmed it. A client is served a variant its Accept admits,
+// so docker, containerd and podman share one entry. A digest never expires; a tag is fresh for its TTL
+// tier and then revalidated.
 import type { Database, RootDatabase } from 'lmdb';
 import type { Access } from './blob-store.ts';
 
@@ -13,6 +16,8 @@ export interface StoredManifest {
 }
 
 export interface TagEntry {
+  /** The normalised Accept set of the request that fetched this variant. */
+  accept: string;
   digest: string;
   mediaType: string;
   size: number;
@@ -23,27 +28,49 @@ export interface TagEntry {
 
 export class ManifestStore {
   private readonly bodies: Database<StoredManifest, string>;
-  private readonly tags: Database<TagEntry, string>;
+  private readonly tags: Database<TagEntry[], string>;
 
   constructor(index: RootDatabase) {
     this.bodies = index.openDB<StoredManifest, string>({ name: 'manifests', encoding: 'msgpack' });
-    this.tags = index.openDB<TagEntry, string>({ name: 'tags', encoding: 'msgpack' });
+    // 'tags' held one entry per Accept set; these keys hold every variant of a tag.
+    this.tags = index.openDB<TagEntry[], string>({ name: 'tag-variants', encoding: 'msgpack' });
   }
 
   body(registry: string, repository: string, digest: string): StoredManifest | undefined {
     return this.bodies.get(`${registry}/${repository}@${digest}`);
   }
 
+  /** The variant of a tag to serve to a client with this (normalised) Accept, if one is cached. */
   tag(registry: string, repository: string, tag: string, accept: string): TagEntry | undefined {
-    return this.tags.get(tagKey(registry, repository, tag, accept));
+    return chooseVariant(this.tags.get(tagKey(registry, repository, tag)) ?? [], accept);
   }
 
   async putBody(registry: string, repository: string, manifest: StoredManifest): Promise<void> {
     await this.bodies.put(`${registry}/${repository}@${manifest.digest}`, manifest);
   }
 
-  async putTag(registry: string, repository: string, tag: string, accept: string, entry: TagEntry): Promise<void> {
-    await this.tags.put(tagKey(registry, repository, tag, accept), entry);
+  /** Records what upstream said the tag is for this variant's media type (replacing the one it had). */
+  async putTag(registry: string, repository: string, tag: string, entry: TagEntry): Promise<void> {
+    const key = tagKey(registry, repository, tag);
+    await this.tags.transaction(() => {
+      const others = (this.tags.get(key) ?? []).filter((v) => v.mediaType !== entry.mediaType && v.accept !== entry.accept);
+      return this.tags.put(key, [entry, ...others].slice(0, MAX_VARIANTS));
+    });
+  }
+
+  /** A cached object turned out to be readable anonymously: every copy of it is labelled public. */
+  async markPublic(registry: string, repository: string, digest: string, tag?: string): Promise<void> {
+    const bodyKey = `${registry}/${repository}@${digest}`;
+    await this.bodies.transaction(() => {
+      const stored = this.bodies.get(bodyKey);
+      if (stored && stored.access !== 'anonymous') this.bodies.put(bodyKey, { ...stored, access: 'anonymous' });
+      if (tag === undefined) return;
+      const key = tagKey(registry, repository, tag);
+      const variants = this.tags.get(key);
+      if (variants?.some((v) => v.digest === digest && v.access !== 'anonymous')) {
+        this.tags.put(key, variants.map((v) => (v.digest === digest ? { ...v, access: 'anonymous' as const } : v)));
+      }
+    });
   }
 
   /** Whether any manifest of this registry is cached: then a failing upstream still leaves something to serve. */
@@ -59,11 +86,10 @@ export class ManifestStore {
    */
   largestImages(limit: number): ImageSize[] {
     const sizes = new Map<string, number>();
-    for (const { key, value } of this.tags.getRange()) {
-      const at = key.lastIndexOf('|');
-      const name = key.slice(0, at);
+    for (const { key: name, value } of this.tags.getRange()) {
       const repositoryKey = name.slice(0, name.lastIndexOf(':'));
-      if (!sizes.has(name)) sizes.set(name, this.bytesBehind(repositoryKey, value.digest, 0));
+      const variant = value[0];
+      if (variant) sizes.set(name, this.bytesBehind(repositoryKey, variant.digest, 0));
     }
     return [...sizes]
       .map(([image, bytes]) => ({ image: image.replace(/:443\//, '/'), bytes }))
@@ -97,13 +123,9 @@ export class ManifestStore {
     return { manifests: bodies.length, tags: tags.length };
   }
 
-  /** Every Accept variant of a tag: after a push, the next pull must ask upstream. */
+  /** Every variant of a tag: after a push, the next pull must ask upstream. */
   async forgetTag(registry: string, repository: string, tag: string): Promise<void> {
-    const prefix = `${registry}/${repository}:${tag}|`;
-    // Keys first, then the removals: no read snapshot held open across the writes. '}' sorts after
-    // '|', so the range holds exactly this tag's keys.
-    const keys = [...this.tags.getKeys({ start: prefix, end: `${registry}/${repository}:${tag}}` })];
-    await Promise.all(keys.map((key) => this.tags.remove(key)));
+    await this.tags.remove(tagKey(registry, repository, tag));
   }
 }
 
@@ -117,8 +139,29 @@ export interface ManifestPurge {
   tags: number;
 }
 
-function tagKey(registry: string, repository: string, tag: string, accept: string): string {
-  return `${registry}/${repository}:${tag}|${accept}`;
+/** A tag rarely has more than one variant (an old client that refuses the type upstream prefers). */
+const MAX_VARIANTS = 4;
+
+function tagKey(registry: string, repository: string, tag: string): string {
+  return `${registry}/${repository}:${tag}`;
+}
+
+/** Manifest lists and indexes: what a registry answers first to a client that accepts them. */
+const INDEX_TYPES = new Set(['application/vnd.oci.image.index.v1+json', 'application/vnd.docker.distribution.manifest.list.v2+json']);
+
+/**
+ * Which variant upstream would have given this client: the one fetched with the very same Accept set;
+ * else one whose type the client accepts, an index first (a registry prefers it when it is accepted),
+ * then the most recently confirmed. A client that names no type gets only what was fetched for such a
+ * client (a registry may convert for it).
+ */
+export function chooseVariant(variants: readonly TagEntry[], accept: string): TagEntry | undefined {
+  const exact = variants.find((v) => v.accept === accept);
+  if (exact || accept === '') return exact;
+  const accepted = new Set(accept.split(','));
+  if (accepted.has('*/*')) return variants.find((v) => INDEX_TYPES.has(v.mediaType)) ?? variants[0];
+  const admitted = variants.filter((v) => accepted.has(v.mediaType.split(';')[0]!.trim().toLowerCase()));
+  return admitted.find((v) => INDEX_TYPES.has(v.mediaType)) ?? admitted.sort((a, b) => b.validatedAt - a.validatedAt)[0];
 }
 
 /**

@@ -16,7 +16,7 @@ import type { BlobHandler } from './blobs.ts';
 import { STALE_ON_STATUS, type ManifestHandler } from './manifests.ts';
 import { sendRegistryError } from './errors.ts';
 import { isRouteError, routeRequest, type Route, type RouteError } from './route.ts';
-import { credentialsToInject, forwardTokenRequest } from './token-requests.ts';
+import { credentialsToInject, forwardTokenRequest, isAnonymousTokenRequest } from './token-requests.ts';
 import { clientAuthorization, type UpstreamAuth } from './upstream-auth.ts';
 
 export interface RegistryRequestContext {
@@ -114,10 +114,10 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     }
     if (route.kind === 'other') {
       const credentials = credentialsToInject(deps.policy, registry, req, user);
-      if (credentials) {
+      if (credentials || isAnonymousTokenRequest(req)) {
         const result = await forwardTokenRequest(req, res, { dispatcher, origin: upstream.origin, hostHeader }, credentials, deps.auth);
-        if (!result.injected) deps.log.warn('the token service refused the central credentials; the client\'s request was sent without them', { host: registry.key, status: 401 });
-        log({ ...access, ...result, cache: 'BYPASS', type: 'token', ms: elapsed(started) });
+        if (credentials && !result.injected && !result.offline) deps.log.warn('the token service refused the central credentials; the client\'s request was sent without them', { host: registry.key, status: 401 });
+        log({ ...access, ...result, cache: result.offline ? 'STALE' : 'BYPASS', type: 'token', ms: elapsed(started) });
         return;
       }
     }

@@ -4,6 +4,10 @@
 // proxy users only for repositories the user may read. The token that comes back is remembered (by
 // hash) so that what the client fetches with it is labelled 'central', not private. When the service
 // refuses the central credentials, the request goes once more without them (public images still work).
+// A token request without any credentials is watched the same way: the token it brings back is an
+// anonymous one, and what a client reads with it is public in the cache (Docker Hub's anonymous pulls).
+// While the token service is down, the proxy answers with a placeholder token of its own, so a client
+// can go on pulling what is cached and public.
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Dispatcher } from 'undici';
 import type { Credentials, Policy, ProxyUser, RegistryPolicy } from '../../config/policy.ts';
@@ -11,8 +15,8 @@ import { mayRead } from '../proxy-users.ts';
 import { describeUpstreamError, requestHeadersForUpstream, responseHeadersForClient } from '../upstream/forward.ts';
 import { readAtMost } from '../upstream/body.ts';
 import { basicAuthorization, MAX_TOKEN_RESPONSE_BYTES, parseTokenResponse } from '../upstream/token-exchange.ts';
-import { sendRegistryError } from './errors.ts';
-import { clientAuthorization, type UpstreamAuth } from './upstream-auth.ts';
+import { randomBytes } from 'node:crypto';
+import { clientAuthorization, OFFLINE_TOKEN_PREFIX, type UpstreamAuth } from './upstream-auth.ts';
 
 export interface TokenRequestResult {
   status: number;
@@ -21,7 +25,23 @@ export interface TokenRequestResult {
   upstreamMs?: number;
   /** Central credentials were put into the request. */
   injected: boolean;
+  /** The token service failed and the proxy answered with its placeholder. */
+  offline?: boolean;
   error?: string;
+}
+
+/** How long a placeholder token is good for: clients ask again soon, and reach the service once it is back. */
+const OFFLINE_TOKEN_SECONDS = 60;
+
+/**
+ * A client's token request, as far as the proxy can tell: a GET outside the distribution API that
+ * names a scope or a service (the token protocol's parameters), without credentials or cookies of the
+ * client's own (what it gets back is then an anonymous token).
+ */
+export function isAnonymousTokenRequest(req: IncomingMessage): boolean {
+  if (req.method !== 'GET' || clientAuthorization(req) || req.headers.cookie) return false;
+  const url = new URL(req.url ?? '/', 'https://token.invalid');
+  return url.searchParams.has('scope') || url.searchParams.has('service');
 }
 
 /** The central credentials this GET may carry, or why not (undefined: pass it through untouched). */
@@ -43,11 +63,16 @@ export function credentialsToInject(policy: Policy, host: RegistryPolicy, req: I
   return registry.auth;
 }
 
+/**
+ * A client's token request without credentials of its own, sent with the central ones when `credentials`
+ * is given (and once more without them if refused), else as it came. The token that comes back is
+ * remembered with what it grants; a token service that fails gets the proxy's placeholder answered.
+ */
 export async function forwardTokenRequest(
   req: IncomingMessage,
   res: ServerResponse,
   target: { dispatcher: Dispatcher; origin: string; hostHeader: string },
-  credentials: Credentials,
+  credentials: Credentials | undefined,
   auth: UpstreamAuth,
 ): Promise<TokenRequestResult> {
   const started = performance.now();
@@ -57,23 +82,24 @@ export async function forwardTokenRequest(
   };
   let response: Dispatcher.ResponseData;
   let body: Buffer;
-  let injected = true;
+  let injected = credentials !== undefined;
   try {
-    ({ response, body } = await get(basicAuthorization(credentials)));
-    if (response.statusCode === 401) {
+    ({ response, body } = await get(credentials ? basicAuthorization(credentials) : undefined));
+    if (response.statusCode === 401 && injected) {
       // The service refused the central credentials: the client's own request, as it was.
       injected = false;
       ({ response, body } = await get());
     }
   } catch (err) {
-    const message = `the token service ${target.origin} failed: ${describeUpstreamError(err as Error)}`;
-    sendRegistryError(res, 502, 'UNAVAILABLE', message);
-    return { status: 502, bytes: 0, injected, error: message };
+    return answerOffline(res, injected, `the token service ${target.origin} failed: ${describeUpstreamError(err as Error)}`);
   }
   const upstreamMs = Math.round(performance.now() - started);
-  if (injected && response.statusCode === 200) {
+  if (response.statusCode === 429 || response.statusCode >= 500) {
+    return { ...answerOffline(res, injected, `the token service ${target.origin} answered ${response.statusCode}`), upstreamStatus: response.statusCode, upstreamMs };
+  }
+  if (response.statusCode === 200) {
     const token = parseTokenResponse(body.toString('utf8'));
-    if (token) auth.recordMinted(token.token, token.expiresAt);
+    if (token) auth.recordIssued(token.token, token.expiresAt, injected ? 'central' : 'anonymous');
   }
   res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), 'content-length': String(body.length), 'X-Cache': 'BYPASS' });
   res.end(body);
@@ -83,8 +109,20 @@ export async function forwardTokenRequest(
     upstreamStatus: response.statusCode,
     upstreamMs,
     injected,
-    ...(injected ? {} : { error: 'the token service refused the central credentials' }),
+    ...(credentials && !injected ? { error: 'the token service refused the central credentials' } : {}),
   };
+}
+
+/**
+ * The token service is down: a placeholder token, which the proxy drops from the client's requests
+ * (they count as anonymous), so a pull of what is cached and public goes on.
+ */
+function answerOffline(res: ServerResponse, injected: boolean, error: string): TokenRequestResult {
+  const token = `${OFFLINE_TOKEN_PREFIX}${randomBytes(12).toString('base64url')}`;
+  const body = Buffer.from(JSON.stringify({ token, access_token: token, expires_in: OFFLINE_TOKEN_SECONDS, issued_at: new Date().toISOString() }));
+  res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': body.length, 'Cache-Control': 'no-store', 'X-Cache': 'STALE' });
+  res.end(body);
+  return { status: 200, bytes: body.length, injected, offline: true, error };
 }
 
 async function readToken(body: Dispatcher.ResponseData['body']): Promise<Buffer> {

@@ -3,6 +3,8 @@
 // registry's challenge itself: Basic with the central credentials, or a Bearer token from the realm
 // (central credentials first, anonymous when they are refused or absent). The registry's challenge is
 // learned from the 401s its requests meet, and up front with a GET /v2/ when it has central credentials.
+// A client's own token is private unless the proxy saw it issued: with the central credentials it put
+// in ('central'), or to a token request without any credentials ('anonymous': public is public).
 import { createHash } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
 import type { Dispatcher } from 'undici';
@@ -22,6 +24,13 @@ export interface AuthDecision {
   byProxy: boolean;
   /** The cached token behind `authorization`, to forget when the registry refuses it. */
   token?: { request: TokenRequest; value: string };
+  /** Only anonymous tokens, never the central credentials: a check of whether an object is public. */
+  anonymousOnly?: boolean;
+  /**
+   * The token service failed (unreachable, 5xx, 429), so the request goes without the token it needed:
+   * a 401 to it says the service is down, not that the client may not read (stale-if-error applies).
+   */
+  tokenFailed?: boolean;
 }
 
 export interface UpstreamTarget {
@@ -35,15 +44,22 @@ export interface UpstreamTarget {
 
 /** A challenge learned this long ago is asked again (a registry may change its token service). */
 const CHALLENGE_TTL_MS = 3_600_000;
-const MAX_MINTED = 10_000;
+const MAX_ISSUED = 10_000;
+/**
+ * What the proxy answers a token request with while the token service is down: a placeholder the proxy
+ * recognises and drops, so the client's next requests count as coming without credentials (cached
+ * public content is served, nothing private is). A client forging one only makes itself anonymous.
+ */
+export const OFFLINE_TOKEN_PREFIX = 'pullthrough-offline.';
 
 export class UpstreamAuth {
   /** Registry key → its challenge (null: the registry asks for none). */
   private readonly challenges = new Map<string, { challenge: Challenge | null; learnedAt: number }>();
   private readonly learning = new Map<string, Promise<Challenge | null | undefined>>();
-  /** Hashes of tokens that clients received through injected central credentials → expiry. */
-  private readonly minted = new Map<string, number>();
+  /** Hashes of tokens the proxy saw issued to clients → expiry and what they grant (R6). */
+  private readonly issued = new Map<string, { until: number; access: 'central' | 'anonymous' }>();
   private readonly warned = new Set<string>();
+  private readonly lastWarned = new Map<string, number>();
   private readonly tokens: TokenExchange;
   private readonly upstreams: UpstreamAgents;
   private readonly log: Logger;
@@ -57,8 +73,14 @@ export class UpstreamAuth {
   /** The Authorization for a read on behalf of this client. */
   async decide(req: IncomingMessage, target: UpstreamTarget): Promise<AuthDecision> {
     const own = clientAuthorization(req);
-    if (own) return { authorization: own, access: this.wasMinted(own) ? 'central' : 'client', byProxy: false };
+    if (own) return { authorization: own, access: this.issuedAccess(own) ?? 'client', byProxy: false };
     return this.proxyDecision(target);
+  }
+
+  /** Anonymous, whatever credentials the registry has: is this object readable by anyone? */
+  async anonymousDecision(target: UpstreamTarget): Promise<AuthDecision> {
+    const known = this.challenges.get(target.registry.key);
+    return this.answer(target, known?.challenge ?? null, undefined, true);
   }
 
   /** The proxy's own Authorization: central credentials when the registry has them, else anonymous. */
@@ -72,15 +94,21 @@ export class UpstreamAuth {
    * and return a different header worth one more try (undefined: the client gets the 401).
    */
   async retryAfter401(target: UpstreamTarget, previous: AuthDecision, wwwAuthenticate: string | string[] | undefined): Promise<AuthDecision | undefined> {
-    if (!previous.byProxy) return undefined;
+    return (await this.afterRefusal(target, previous, wwwAuthenticate)).retry;
+  }
+
+  /** retryAfter401, and whether the token service failed on the way (then the 401 is its fault). */
+  private async afterRefusal(target: UpstreamTarget, previous: AuthDecision, wwwAuthenticate: string | string[] | undefined): Promise<{ retry?: AuthDecision; tokenFailed?: boolean }> {
+    if (!previous.byProxy) return {};
     if (previous.token) this.tokens.forget(previous.token.request, previous.token.value);
     const challenge = preferredChallenge(parseChallenges(wwwAuthenticate));
-    if (!challenge) return undefined;
+    if (!challenge) return {};
     this.challenges.set(target.registry.key, { challenge, learnedAt: Date.now() });
     // The registry names the scope it wants (it may ask for more than pull on one repository).
     const scopes = challenge.params.scope?.split(' ').filter(Boolean);
-    const next = await this.answer(target, challenge, scopes);
-    return next.authorization !== undefined && next.authorization !== previous.authorization ? next : undefined;
+    const next = await this.answer(target, challenge, scopes, previous.anonymousOnly);
+    if (next.authorization !== undefined && next.authorization !== previous.authorization) return { retry: next };
+    return next.tokenFailed ? { tokenFailed: true } : {};
   }
 
   /** A request with the decided Authorization, once more with a fresh one after a 401 the proxy caused. */
@@ -88,11 +116,13 @@ export class UpstreamAuth {
     let decision = decided;
     let response = await send(decision.authorization);
     if (response.statusCode === 401 && decision.byProxy) {
-      const next = await this.retryAfter401(target, decision, response.headers['www-authenticate']);
-      if (next) {
+      const after = await this.afterRefusal(target, decision, response.headers['www-authenticate']);
+      if (after.retry) {
         await response.body.dump();
-        decision = next;
-        response = await send(next.authorization);
+        decision = after.retry;
+        response = await send(after.retry.authorization);
+      } else if (after.tokenFailed) {
+        decision = { ...decision, tokenFailed: true };
       }
     }
     return { response, decision };
@@ -109,27 +139,31 @@ export class UpstreamAuth {
     return challenge?.scheme === 'basic' ? basicAuthorization(target.registry.auth) : undefined;
   }
 
-  /** A token a client got from the realm with central credentials the proxy put in (R6: 'central'). */
-  recordMinted(token: string, expiresAt: number): void {
-    this.minted.set(tokenHash(token), expiresAt);
-    if (this.minted.size > MAX_MINTED) {
+  /**
+   * A token a client got from an intercepted token service: with central credentials the proxy put in
+   * ('central'), or for a request that carried no credentials at all ('anonymous': what it reads, anyone
+   * may read).
+   */
+  recordIssued(token: string, expiresAt: number, access: 'central' | 'anonymous'): void {
+    this.issued.set(tokenHash(token), { until: expiresAt, access });
+    if (this.issued.size > MAX_ISSUED) {
       const now = Date.now();
-      for (const [hash, until] of this.minted) if (until < now || this.minted.size > MAX_MINTED) this.minted.delete(hash);
+      for (const [hash, { until }] of this.issued) if (until < now || this.issued.size > MAX_ISSUED) this.issued.delete(hash);
     }
   }
 
-  private wasMinted(authorization: string): boolean {
+  private issuedAccess(authorization: string): 'central' | 'anonymous' | undefined {
     const match = /^Bearer\s+(\S+)$/i.exec(authorization);
-    if (!match) return false;
-    const until = this.minted.get(tokenHash(match[1]!));
-    return until !== undefined && until > Date.now();
+    if (!match) return undefined;
+    const known = this.issued.get(tokenHash(match[1]!));
+    return known && known.until > Date.now() ? known.access : undefined;
   }
 
-  private async answer(target: UpstreamTarget, challenge: Challenge | null, scopes?: string[]): Promise<AuthDecision> {
+  private async answer(target: UpstreamTarget, challenge: Challenge | null, scopes?: string[], anonymousOnly = false): Promise<AuthDecision> {
     const { registry } = target;
-    const anonymous: AuthDecision = { access: 'anonymous', byProxy: true };
+    const anonymous: AuthDecision = { access: 'anonymous', byProxy: true, ...(anonymousOnly ? { anonymousOnly } : {}) };
     if (!challenge) return anonymous;
-    if (challenge.scheme === 'basic') return registry.auth ? { authorization: basicAuthorization(registry.auth), access: 'central', byProxy: true } : anonymous;
+    if (challenge.scheme === 'basic') return registry.auth && !anonymousOnly ? { authorization: basicAuthorization(registry.auth), access: 'central', byProxy: true } : anonymous;
     let realm: URL;
     try {
       realm = new URL(challenge.params.realm ?? '');
@@ -143,20 +177,25 @@ export class UpstreamAuth {
       scopes: scopes ?? (target.repository ? [`repository:${target.repository}:pull`] : []),
     };
     const dispatcher = this.upstreams.for(target.upstream);
-    if (registry.auth) {
+    const realmForLog = `${realm.origin}${realm.pathname}`;
+    if (registry.auth && !anonymousOnly) {
       const central = { ...request, credentials: registry.auth };
       const result = await this.tokens.token(dispatcher, central);
       if (result.ok) return { authorization: `Bearer ${result.token}`, access: 'central', byProxy: true, token: { request: central, value: result.token } };
-      this.warnOnce(`refused:${registry.key}:${result.status ?? 'error'}`, `the token service refused the central credentials of ${registry.key}; trying anonymously (check registries.${registry.key}.auth)`, {
-        registry: registry.key,
-        realm: `${realm.origin}${realm.pathname}`,
-        ...(result.status !== undefined ? { status: result.status } : {}),
-        error: result.error,
-      });
+      if (!serviceFailed(result.status)) {
+        this.warnOnce(`refused:${registry.key}:${result.status ?? 'error'}`, `the token service refused the central credentials of ${registry.key}; trying anonymously (check registries.${registry.key}.auth)`, {
+          registry: registry.key,
+          realm: realmForLog,
+          ...(result.status !== undefined ? { status: result.status } : {}),
+          error: result.error,
+        });
+      }
     }
     const result = await this.tokens.token(dispatcher, request);
-    if (result.ok) return { authorization: `Bearer ${result.token}`, access: 'anonymous', byProxy: true, token: { request, value: result.token } };
-    return anonymous;
+    if (result.ok) return { ...anonymous, authorization: `Bearer ${result.token}`, token: { request, value: result.token } };
+    if (!serviceFailed(result.status)) return anonymous;
+    if (this.shouldWarn(`token-failed:${registry.key}`)) this.log.warn('the token service failed; the request goes without a token', { registry: registry.key, realm: realmForLog, ...(result.status !== undefined ? { status: result.status } : {}), error: result.error });
+    return { ...anonymous, tokenFailed: true };
   }
 
   /**
@@ -207,6 +246,14 @@ export class UpstreamAuth {
     this.warnOnce(`realm:${registry.key}`, `${registry.key} sends clients to the token service ${realmHost}; set registries.${registry.key}.auth.realm: ${realmHost} so that clients without credentials get tokens with the central ones`, { registry: registry.key });
   }
 
+  /** At most one warning a minute per kind: an outage must not flood the log. */
+  private shouldWarn(key: string): boolean {
+    const now = Date.now();
+    if ((this.lastWarned.get(key) ?? 0) > now - 60_000) return false;
+    this.lastWarned.set(key, now);
+    return true;
+  }
+
   private warnOnce(key: string, message: string, fields: Record<string, unknown>): void {
     if (this.warned.has(key)) return;
     this.warned.add(key);
@@ -221,6 +268,7 @@ export class UpstreamAuth {
 export function clientAuthorization(req: IncomingMessage): string | undefined {
   const value = req.headers.authorization?.trim();
   if (!value) return undefined;
+  if (value.slice(value.indexOf(' ') + 1).trimStart().startsWith(OFFLINE_TOKEN_PREFIX)) return undefined;
   const basic = /^Basic\s+([A-Za-z0-9+/=]*)$/i.exec(value);
   if (basic && Buffer.from(basic[1]!, 'base64').toString('utf8') === ':') return undefined;
   if (/^(Basic|Bearer)\s*$/i.test(value)) return undefined;
@@ -230,6 +278,11 @@ export function clientAuthorization(req: IncomingMessage): string | undefined {
 /** A credential's stand-in in memory: what verdicts and minted tokens are keyed by, never the credential. */
 export function credentialHash(credential: string): string {
   return createHash('sha256').update(credential).digest('base64url');
+}
+
+/** A token service that did not answer, or answered 429/5xx: down, not a refusal of the credentials. */
+function serviceFailed(status: number | undefined): boolean {
+  return status === undefined || status === 429 || status >= 500;
 }
 
 function tokenHash(token: string): string {

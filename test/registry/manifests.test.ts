@@ -45,6 +45,8 @@ interface FakeRegistry {
   behave: Behaviour | undefined;
   /** Sent with every answer (ratelimit-* for instance). */
   extraHeaders: Record<string, string>;
+  /** Every answer waits this long (so that concurrent clients overlap). */
+  delayMs: number;
   /** Points repo:tag at these manifests, in the registry's order of preference by Accept. */
   tag(repository: string, tag: string, ...manifests: Manifest[]): void;
   count(method: string, path?: string): number;
@@ -75,6 +77,7 @@ async function startFakeRegistry(host: string, ca: TestCa): Promise<FakeRegistry
     seen: [],
     behave: undefined,
     extraHeaders: {},
+    delayMs: 0,
     tag(repository, tag, ...manifests) {
       tags.set(`${repository}:${tag}`, manifests);
       for (const m of manifests) digests.set(`${repository}@${m.digest}`, m);
@@ -92,8 +95,12 @@ async function startFakeRegistry(host: string, ca: TestCa): Promise<FakeRegistry
       const seen: Seen = { method: req.method!, path: req.url!.split('?')[0]!, headers: req.headers, body: Buffer.concat(chunks) };
       fake.seen.push(seen);
       for (const [name, value] of Object.entries(fake.extraHeaders)) res.setHeader(name, value);
-      if (fake.behave?.(req, res, seen)) return;
-      serve(req, res, seen);
+      const answer = () => {
+        if (fake.behave?.(req, res, seen)) return;
+        serve(req, res, seen);
+      };
+      if (fake.delayMs > 0) setTimeout(answer, fake.delayMs);
+      else answer();
     });
   });
 
@@ -125,6 +132,14 @@ async function startFakeRegistry(host: string, ca: TestCa): Promise<FakeRegistry
   return fake;
 }
 
+async function waitUntil(condition: () => boolean, timeoutMs = 5000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > until) throw new Error('timed out waiting for a condition');
+    await sleep(10);
+  }
+}
+
 interface Answer {
   status: number;
   headers: Record<string, string>;
@@ -142,16 +157,19 @@ describe('the manifest cache against fake registries', () => {
   let gone: FakeRegistry;
   /** push: bypass. */
   let pushable: FakeRegistry;
+  /** Where regional.test's redirects lead (registry.k8s.io → a regional Artifact Registry host). */
+  let regional: FakeRegistry;
   let proxy: TestProxy;
 
   before(async () => {
     ca = createTestCa('manifest fakes CA');
     work = makeTempDir('manifest-fakes');
-    [fake, strict, gone, pushable] = await Promise.all([
+    [fake, strict, gone, pushable, regional] = await Promise.all([
       startFakeRegistry('fake.test', ca),
       startFakeRegistry('strict.test', ca),
       startFakeRegistry('gone.test', ca),
       startFakeRegistry('pushable.test', ca),
+      startFakeRegistry('regional.test', ca),
     ]);
     const caFile = writePem(work, 'upstream-ca.pem', ca.certPem);
     proxy = await startTestProxy(`
@@ -173,21 +191,23 @@ hosts:
   strict.test: 127.0.0.1
   gone.test: 127.0.0.1
   pushable.test: 127.0.0.1
+  regional.test: 127.0.0.1
 `);
   });
 
   beforeEach(() => {
-    for (const f of [fake, strict, gone, pushable]) {
+    for (const f of [fake, strict, gone, pushable, regional]) {
       f.seen = [];
       f.behave = undefined;
       f.extraHeaders = {};
+      f.delayMs = 0;
     }
   });
 
   after(async () => {
     await proxy?.close();
     // Closing one twice (gone) is harmless: close() resolves either way.
-    await Promise.all([fake, strict, gone, pushable].map((f) => f?.close()));
+    await Promise.all([fake, strict, gone, pushable, regional].map((f) => f?.close()));
     if (work) removeTempDir(work);
   });
 
@@ -285,9 +305,17 @@ hosts:
   test("content fetched with a client's credentials is never served stale", async () => {
     const secret = manifest(OCI_MANIFEST);
     fake.tag('team/secret', 'short-3', secret);
+    // Private: upstream answers only a client with credentials.
+    fake.behave = (req, res) => {
+      if (req.headers.authorization) return false;
+      res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="fake"' }).end();
+      return true;
+    };
     const auth = { Accept: OCI_MANIFEST, Authorization: 'Bearer alice' };
     assert.equal((await request(fake, 'GET', '/v2/team/secret/manifests/short-3', auth)).status, 200);
     await sleep(SHORT_TTL_MS + 50);
+    // The proxy asked once whether it is public (an anonymous HEAD): it is not.
+    assert.deepEqual(fake.seen.map((s) => [s.method, s.headers.authorization]), [['GET', 'Bearer alice'], ['HEAD', undefined]]);
     fake.behave = (_req, res) => {
       res.writeHead(503).end();
       return true;
@@ -326,6 +354,172 @@ hosts:
       assert.deepEqual([byDigest.body, byDigest.headers['content-type'], byDigest.headers['x-cache']], [m.body, m.mediaType, 'HIT']);
     }
     assert.equal(fake.seen.length, 0, JSON.stringify(fake.seen.map((s) => `${s.method} ${s.path}`)));
+  });
+
+  /** What docker, containerd and podman/skopeo send: three different sets that all admit an OCI manifest. */
+  const CLIENT_ACCEPTS = {
+    docker: `${DOCKER_MANIFEST}, ${DOCKER_LIST}, ${OCI_MANIFEST}, ${OCI_INDEX}`,
+    containerd: `${DOCKER_MANIFEST}, ${DOCKER_LIST}, ${OCI_MANIFEST}, ${OCI_INDEX}, */*`,
+    podman: `${OCI_MANIFEST}, ${DOCKER_MANIFEST}, application/vnd.docker.distribution.manifest.v1+prettyjws, application/vnd.docker.distribution.manifest.v1+json, ${DOCKER_LIST}, ${OCI_INDEX}`,
+  };
+
+  test('a rollout: 12 concurrent GETs and HEADs of a new tag from three kinds of client are one upstream GET', async () => {
+    const image = manifest(OCI_MANIFEST);
+    fake.tag('lib/rollout', 'v1', image);
+    fake.delayMs = 150;
+    const kinds = Object.values(CLIENT_ACCEPTS);
+    const answers = await Promise.all(
+      Array.from({ length: 12 }, (_, i) => request(fake, i % 4 === 3 ? 'HEAD' : 'GET', '/v2/lib/rollout/manifests/v1', { Accept: kinds[i % 3]! })),
+    );
+    assert.deepEqual([fake.count('GET'), fake.count('HEAD')], [1, 0], 'one upstream request for the tag');
+    for (const [i, answer] of answers.entries()) {
+      assert.deepEqual([answer.status, answer.headers['docker-content-digest']], [200, image.digest], `client ${i}`);
+      assert.deepEqual(answer.body, i % 4 === 3 ? Buffer.alloc(0) : image.body, `client ${i}`);
+    }
+    const statuses = answers.map((a) => a.headers['x-cache']).sort();
+    assert.deepEqual([statuses.filter((c) => c === 'MISS').length, statuses.filter((c) => c === 'JOINED').length], [1, 11]);
+    // One entry for every kind of client: each one's next pull is a hit.
+    fake.delayMs = 0;
+    fake.seen = [];
+    for (const accept of kinds) assert.equal((await request(fake, 'GET', '/v2/lib/rollout/manifests/v1', { Accept: accept })).headers['x-cache'], 'HIT');
+    assert.equal(fake.seen.length, 0);
+  });
+
+  test("concurrent clients share upstream's error too: 8 GETs of an uncached tag answered 429 are one upstream GET", async () => {
+    fake.tag('lib/limited-new', 'v1', manifest(OCI_MANIFEST));
+    fake.delayMs = 100;
+    fake.behave = (_req, res) => {
+      const body = JSON.stringify({ errors: [{ code: 'TOOMANYREQUESTS', message: 'slow down' }] });
+      res.writeHead(429, { 'Content-Type': 'application/json', 'Retry-After': '30' }).end(body);
+      return true;
+    };
+    const answers = await Promise.all(Array.from({ length: 8 }, () => get(fake, '/v2/lib/limited-new/manifests/v1')));
+    assert.equal(fake.count('GET'), 1);
+    for (const answer of answers) assert.deepEqual([answer.status, errorCode(answer), answer.headers['retry-after']], [429, 'TOOMANYREQUESTS', '30']);
+  });
+
+  test('a stale tag asked for by 8 clients at once is revalidated with one HEAD', async () => {
+    const image = manifest(OCI_MANIFEST);
+    fake.tag('lib/reval', 'short-r', image);
+    await get(fake, '/v2/lib/reval/manifests/short-r');
+    await sleep(SHORT_TTL_MS + 50);
+    fake.seen = [];
+    fake.delayMs = 100;
+    const answers = await Promise.all(Array.from({ length: 8 }, () => get(fake, '/v2/lib/reval/manifests/short-r')));
+    assert.deepEqual([fake.count('HEAD'), fake.count('GET')], [1, 0]);
+    assert.ok(answers.every((a) => a.status === 200 && a.body.equals(image.body)));
+    assert.deepEqual(answers.map((a) => a.headers['x-cache']).sort(), ['JOINED', 'JOINED', 'JOINED', 'JOINED', 'JOINED', 'JOINED', 'JOINED', 'REVALIDATED']);
+  });
+
+  test("a refusal is not shared: a client with rights joining a flight whose credentials were refused gets the manifest", async () => {
+    const secret = manifest(OCI_MANIFEST);
+    fake.tag('team/shared-refusal', 'v1', secret);
+    fake.delayMs = 100;
+    fake.behave = (req, res) => {
+      if (req.headers.authorization === 'Bearer good') return false;
+      res.writeHead(401, { 'WWW-Authenticate': 'Basic realm="fake"', 'Content-Type': 'application/json' }).end('{"errors":[{"code":"UNAUTHORIZED"}]}');
+      return true;
+    };
+    const bad = request(fake, 'GET', '/v2/team/shared-refusal/manifests/v1', { Accept: OCI_MANIFEST, Authorization: 'Bearer bad' });
+    await sleep(20);
+    const good = request(fake, 'GET', '/v2/team/shared-refusal/manifests/v1', { Accept: OCI_MANIFEST, Authorization: 'Bearer good' });
+    const [refused, served] = await Promise.all([bad, good]);
+    assert.equal(refused.status, 401);
+    assert.deepEqual([served.status, served.body], [200, secret.body]);
+  });
+
+  test('a client whose Accept does not admit the cached type goes upstream with its own, and both variants are kept', async () => {
+    const oci = manifest(OCI_MANIFEST);
+    const docker = manifest(DOCKER_MANIFEST);
+    fake.tag('lib/variants', 'v1', oci, docker);
+    assert.equal((await get(fake, '/v2/lib/variants/manifests/v1', CLIENT_ACCEPTS.podman)).headers['content-type'], OCI_MANIFEST);
+    const old = await get(fake, '/v2/lib/variants/manifests/v1', DOCKER_MANIFEST);
+    assert.deepEqual([old.headers['content-type'], old.headers['docker-content-digest'], old.headers['x-cache']], [DOCKER_MANIFEST, docker.digest, 'MISS']);
+    assert.equal(fake.seen.at(-1)!.headers.accept, DOCKER_MANIFEST, 'upstream got that client\'s own Accept');
+    fake.seen = [];
+    assert.deepEqual((await get(fake, '/v2/lib/variants/manifests/v1', DOCKER_MANIFEST)).body, docker.body);
+    assert.deepEqual((await get(fake, '/v2/lib/variants/manifests/v1', CLIENT_ACCEPTS.podman)).body, oci.body);
+    assert.equal(fake.seen.length, 0);
+  });
+
+  test('manifest redirects (registry.k8s.io → a regional host, then a relative hop) are followed and cached under the name asked for', async () => {
+    const image = manifest(OCI_MANIFEST);
+    regional.tag('k8s/pause', '3.10', image);
+    fake.behave = (req, res, seen) => {
+      if (!seen.path.startsWith('/v2/k8s/pause/manifests/')) return false;
+      res.writeHead(307, { Location: `https://${regional.hostPort}/redirected${seen.path}` }).end();
+      return true;
+    };
+    regional.behave = (req, res, seen) => {
+      if (!seen.path.startsWith('/redirected/')) return false;
+      res.writeHead(302, { Location: seen.path.slice('/redirected'.length) }).end();
+      return true;
+    };
+    const first = await request(fake, 'GET', '/v2/k8s/pause/manifests/3.10', { Accept: OCI_MANIFEST, Authorization: 'Bearer for-fake-only' });
+    assert.deepEqual([first.status, first.body, first.headers['x-cache'], first.headers['docker-content-digest']], [200, image.body, 'MISS', image.digest]);
+    // Fetched with a token the proxy did not see issued: it asks once, anonymously, whether it is public.
+    await waitUntil(() => regional.count('HEAD') === 2);
+    assert.deepEqual(regional.seen.map((s) => [s.method, s.path, s.headers.authorization]), [
+      ['GET', '/redirected/v2/k8s/pause/manifests/3.10', undefined],
+      ['GET', '/v2/k8s/pause/manifests/3.10', undefined],
+      ['HEAD', '/redirected/v2/k8s/pause/manifests/3.10', undefined],
+      ['HEAD', '/v2/k8s/pause/manifests/3.10', undefined],
+    ], 'the regional host never sees the Authorization');
+    assert.deepEqual(fake.seen.map((s) => [s.method, s.headers.authorization]), [['GET', 'Bearer for-fake-only'], ['HEAD', undefined]]);
+    fake.seen = [];
+    regional.seen = [];
+    const second = await request(fake, 'GET', '/v2/k8s/pause/manifests/3.10', { Accept: OCI_MANIFEST, Authorization: 'Bearer for-fake-only' });
+    const head = await request(fake, 'HEAD', '/v2/k8s/pause/manifests/3.10', { Accept: OCI_MANIFEST });
+    const byDigest = await get(fake, `/v2/k8s/pause/manifests/${image.digest}`);
+    assert.deepEqual([second.headers['x-cache'], head.headers['x-cache'], byDigest.headers['x-cache']], ['HIT', 'HIT', 'HIT']);
+    assert.deepEqual([fake.seen.length, regional.seen.length], [0, 0]);
+  });
+
+  test('the tag moved (HEAD says so) but the GET answers 429 or 503: the cached copy, STALE', async () => {
+    const before = manifest(OCI_MANIFEST);
+    fake.tag('lib/moved', 'short-m', before);
+    await get(fake, '/v2/lib/moved/manifests/short-m');
+    fake.tag('lib/moved', 'short-m', manifest(OCI_MANIFEST));
+    for (const status of [429, 503]) {
+      await sleep(SHORT_TTL_MS + 50);
+      fake.seen = [];
+      fake.behave = (req, res) => {
+        if (req.method !== 'GET') return false;
+        res.writeHead(status, { 'Content-Type': 'application/json' }).end('{"errors":[{"code":"TOOMANYREQUESTS"}]}');
+        return true;
+      };
+      const answer = await get(fake, '/v2/lib/moved/manifests/short-m');
+      assert.deepEqual([answer.status, answer.body, answer.headers['x-cache'], answer.headers.warning], [200, before.body, 'STALE', '110 pullthrough "Response is Stale"'], `GET answered ${status}`);
+      assert.deepEqual([fake.count('HEAD'), fake.count('GET')], [1, 1]);
+    }
+  });
+
+  test('the token service fails while the token expires: STALE, not the 401', async () => {
+    const image = manifest(OCI_MANIFEST);
+    fake.tag('lib/tokened', 'short-t', image);
+    let valid = 'Bearer first';
+    let tokenStatus = 200;
+    fake.behave = (req, res) => {
+      if (req.headers.authorization === valid) return false;
+      res.writeHead(401, { 'WWW-Authenticate': `Bearer realm="https://${regional.hostPort}/token",service="fake.test"` }).end();
+      return true;
+    };
+    regional.behave = (_req, res, seen) => {
+      if (seen.path !== '/token') return false;
+      res.writeHead(tokenStatus, { 'Content-Type': 'application/json' }).end(tokenStatus === 200 ? '{"token":"first","expires_in":300}' : '');
+      return true;
+    };
+    const first = await get(fake, '/v2/lib/tokened/manifests/short-t');
+    assert.deepEqual([first.status, first.headers['x-cache']], [200, 'MISS']);
+    await sleep(SHORT_TTL_MS + 50);
+    // The registry stops taking the token, and its token service is down.
+    valid = 'Bearer second';
+    tokenStatus = 503;
+    fake.seen = [];
+    const stale = await get(fake, '/v2/lib/tokened/manifests/short-t');
+    assert.deepEqual([stale.status, stale.body, stale.headers['x-cache']], [200, image.body, 'STALE']);
+    assert.deepEqual(fake.seen.map((s) => [s.method, s.headers.authorization]), [['HEAD', 'Bearer first']], 'the cached token; no token to try after the service failed');
+    assert.match(proxy.lines.join('\n'), /the token service failed/);
   });
 
   test('a manifest PUT through push: bypass makes the next pull of that tag ask upstream, within the TTL', async () => {
@@ -457,7 +651,7 @@ hosts:
     assert.equal(fake.count('GET'), 1);
   });
 
-  test('HEAD: a cached fresh tag from the cache with the GET\'s exact headers; an uncached tag as a HEAD upstream, caching nothing', async () => {
+  test('HEAD: a cached fresh tag from the cache with the GET\'s exact headers; an uncached tag fetched once with GET, so the digest GET after it is a HIT', async () => {
     const cached = manifest(OCI_MANIFEST);
     fake.tag('lib/head', 'v1', cached);
     const got = await get(fake, '/v2/lib/head/manifests/v1');
@@ -473,17 +667,25 @@ hosts:
     assert.equal(head.headers['content-length'], String(cached.body.length));
     assert.equal(fake.seen.length, 0, 'answered from the cache');
 
+    // containerd's resolution: HEAD the tag, then GET by digest. Upstream sees one GET, as a client
+    // without the proxy costs one counted pull (HEAD free, GET counted).
     const uncached = manifest(OCI_MANIFEST);
     fake.tag('lib/head', 'v2', uncached);
     const miss = await request(fake, 'HEAD', '/v2/lib/head/manifests/v2', { Accept: OCI_MANIFEST });
-    assert.deepEqual([miss.status, miss.headers['docker-content-digest'], miss.headers['content-length']], [200, uncached.digest, String(uncached.body.length)]);
-    assert.deepEqual([fake.count('HEAD'), fake.count('GET')], [1, 0], 'HEAD stays HEAD upstream');
-    // Nothing was cached by the HEAD: the GET goes upstream.
+    assert.deepEqual([miss.status, miss.headers['docker-content-digest'], miss.headers['content-length'], miss.headers['x-cache'], miss.body.length], [200, uncached.digest, String(uncached.body.length), 'MISS', 0]);
+    assert.deepEqual([fake.count('HEAD'), fake.count('GET')], [0, 1], 'the uncached tag HEAD is one GET upstream');
     fake.seen = [];
-    const after = await get(fake, '/v2/lib/head/manifests/v2');
-    assert.deepEqual([after.headers['x-cache'], fake.count('GET'), fake.count('HEAD')], ['MISS', 1, 0]);
-    fake.seen = [];
-    const digestHead = await request(fake, 'HEAD', `/v2/lib/head/manifests/${uncached.digest}`, { Accept: OCI_MANIFEST });
-    assert.deepEqual([digestHead.headers['x-cache'], digestHead.headers['content-length'], fake.seen.length], ['HIT', String(uncached.body.length), 0]);
+    const byDigest = await get(fake, `/v2/lib/head/manifests/${uncached.digest}`);
+    assert.deepEqual([byDigest.headers['x-cache'], byDigest.body], ['HIT', uncached.body]);
+    const again = await request(fake, 'HEAD', '/v2/lib/head/manifests/v2', { Accept: OCI_MANIFEST });
+    assert.deepEqual([again.headers['x-cache'], again.headers['docker-content-digest']], ['HIT', uncached.digest]);
+    assert.equal(fake.seen.length, 0, 'nothing more upstream');
+
+    // An uncached digest's HEAD stays a HEAD upstream: it never costs a GET.
+    const other = manifest(OCI_MANIFEST);
+    fake.tag('lib/head', 'v3', other);
+    const digestHead = await request(fake, 'HEAD', `/v2/lib/head/manifests/${other.digest}`, { Accept: OCI_MANIFEST });
+    assert.deepEqual([digestHead.status, digestHead.headers['content-length']], [200, String(other.body.length)]);
+    assert.deepEqual([fake.count('HEAD'), fake.count('GET')], [1, 0]);
   });
 });
