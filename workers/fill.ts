@@ -7,13 +7,15 @@ import { createHash, type Hash } from 'node:crypto';
 import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { MessagePort } from 'node:worker_threads';
 import type { Span } from '@opentelemetry/api';
 import type { Dispatcher } from 'undici';
 import { contextFrom, contextWith, endSpan, flushTracing, startTracing, startUpstreamSpan, tracingEnabled } from '../src/tracing.ts';
 import { preloadTrust, UpstreamAgents, type UpstreamConfig } from '../src/upstream/agents.ts';
-import { positionAt, readable } from '../src/upstream/body.ts';
-import { requestFollowingRedirects, urlForLog } from '../src/upstream/redirects.ts';
-import type { FillMessage, FillOutcome, FillTask } from '../src/cache/fill-protocol.ts';
+import { BACKOFF_CAP_MS, backoffMs, discard, guard, MAX_ATTEMPTS, positionAt, readable, retryAfterMs } from '../src/upstream/body.ts';
+import { requestFollowingRedirects, TooManyRedirectsError, urlForLog } from '../src/upstream/redirects.ts';
+import type { FillMessage, FillOutcome, FillReply, FillTask } from '../src/cache/fill-protocol.ts';
 
 /** Writes of at least this size (64 KiB writes doubled the CPU per GiB). */
 const WRITE_BATCH = 1024 * 1024;
@@ -21,8 +23,8 @@ const WRITE_BATCH = 1024 * 1024;
 const FIRST_WRITE = 64 * 1024;
 /** A batch smaller than WRITE_BATCH is written once no new chunk came for this long (first byte latency). */
 const FLUSH_AFTER_MS = 2;
-/** Upstream cuts survived per fill, each resumed with Range from the last written byte. */
-const MAX_RESUMES = 5;
+/** How long a fill waits for the primary's answer to a request for a fresh Authorization. */
+const AUTHORIZATION_ANSWER_MS = 30_000;
 /** An upstream error body kept for the client (a registry's JSON error). */
 const MAX_ERROR_BODY = 64 * 1024;
 
@@ -53,6 +55,21 @@ export default async function fill(task: FillTask | 'warm-up'): Promise<void> {
   if (tracing) await flushTracing();
 }
 
+/** Why an attempt failed, and what the next one needs. */
+interface Retry {
+  reason: string;
+  /** What upstream asked for with Retry-After. */
+  retryAfter?: number;
+  /** The registry refused the Authorization (401): ask the primary for a fresh one, with this challenge. */
+  refused?: { wwwAuthenticate: string | string[] | undefined };
+}
+
+/**
+ * Attempts until the blob is in the file, at most MAX_ATTEMPTS, each from the last written byte (Range)
+ * after a backoff. Before the first byte reached anyone (no 'response' sent yet), the registry's own
+ * refusals (404, a 401 or 403 it answered itself…) go to the client as they came, and so does the last
+ * 5xx or 429 when every attempt got one.
+ */
 async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts: { count: number }): Promise<FillOutcome> {
   const parent = contextFrom(task.trace);
   const dispatcher = agents.for(task.upstream);
@@ -63,59 +80,103 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
   let file: FileHandle | undefined;
   const writer = new BatchWriter(hash, (bytes) => send({ type: 'progress', bytes }));
   let size: number | undefined;
+  /** The 'response' message went out: clients are reading, and only bytes (or a cut) can follow. */
+  let responded = false;
+  /** A fresh Authorization from the primary, after the registry refused the one the fill started with. */
+  let authorization: string | undefined;
+  let retry: Retry | undefined;
   try {
-    for (let attempt = 0; ; attempt++) {
+    for (let attempt = 1; ; attempt++) {
       const offset = writer.written;
-      attempts.count = attempt + 1;
-      // One span per upstream request (the first, then each resume), from the request to its last byte.
+      const last = attempt >= MAX_ATTEMPTS;
+      attempts.count = attempt;
+      if (retry) {
+        if (retry.refused) authorization = (await askForAuthorization(task.port, send, retry.refused.wwwAuthenticate)) ?? authorization;
+        const delayMs = backoffMs(attempt - 1, retry.retryAfter);
+        send({ type: 'retry', attempt, of: MAX_ATTEMPTS, offset, reason: retry.reason, delayMs, ...(retry.refused ? { freshAuthorization: authorization !== undefined } : {}) });
+        await sleep(delayMs);
+        retry = undefined;
+      }
+      // One span per upstream request (the first, then each retry), from the request to its last byte.
       const start = new URL(task.path, task.upstream.origin);
-      const span = startUpstreamSpan('GET', () => urlForLog(start), { 'pullthrough.digest': task.digest, 'pullthrough.attempt': attempt, ...(offset > 0 ? { 'pullthrough.range.start': offset } : {}) }, parent);
+      const span = startUpstreamSpan('GET', () => urlForLog(start), { 'pullthrough.digest': task.digest, 'pullthrough.attempt': attempt - 1, ...(offset > 0 ? { 'pullthrough.range.start': offset } : {}) }, parent);
       const spanned = new AttemptSpan(span, writer);
+      const failed = (reason: string, extra: Omit<Retry, 'reason'> = {}): FillOutcome | undefined => {
+        spanned.error = reason;
+        if (last) return { kind: 'failed', reason: `${reason} (attempt ${attempt} of ${MAX_ATTEMPTS})`, offset: writer.written };
+        retry = { reason, ...extra };
+        return undefined;
+      };
       try {
-        const headers: Record<string, string> = { ...task.headers, ...(offset > 0 ? { range: `bytes=${offset}-` } : {}) };
+        // Every attempt starts at the registry: a redirect to a CDN is asked for again, with a fresh signature.
+        const headers: Record<string, string> = { ...task.headers, ...(authorization !== undefined ? { authorization } : {}), ...(offset > 0 ? { range: `bytes=${offset}-` } : {}) };
         let followed;
         try {
           followed = await requestFollowingRedirects(dispatcher, start, { method: 'GET', headers, trace: contextWith(span, parent) });
         } catch (err) {
-          spanned.error = `upstream unreachable: ${describe(err)}`;
-          if (attempt < MAX_RESUMES && offset > 0) continue; // a cut before the resumed response: try again
-          return { kind: 'failed', reason: `upstream unreachable: ${describe(err)}`, offset };
+          const reason = `upstream unreachable: ${describe(err)}`;
+          // Too many redirects, or to a scheme we do not speak: the same chain again would not help.
+          if (err instanceof TooManyRedirectsError && !responded) {
+            spanned.error = reason;
+            return { kind: 'failed', reason, offset };
+          }
+          const outcome = failed(reason);
+          if (outcome) return outcome;
+          continue;
         }
         const { response, url, hops } = followed;
+        guard(response.body);
         spanned.answered(response.statusCode, url, hops);
-        if (offset === 0) {
-          if (response.statusCode !== 200) return upstreamStatus(response);
+        const status = response.statusCode;
+        // The Authorization went to the host that answered (redirects drop it when they leave the registry).
+        const atRegistry = url.host === start.host;
+        if (!responded) {
+          if (status !== 200) {
+            const retryAfter = retryAfterMs(response.headers['retry-after']);
+            // The registry's own refusals go to the client now; so does a 5xx/429 that asks for a long pause.
+            if (!retriableBeforeResponse(status, atRegistry) || last || (retryAfter !== undefined && retryAfter > BACKOFF_CAP_MS)) return await upstreamStatus(response);
+            discard(response.body);
+            failed(`upstream answered ${status}${atRegistry ? '' : ` from ${url.host} after ${hops} redirect${hops === 1 ? '' : 's'}`}`, retryAfter !== undefined ? { retryAfter } : {});
+            continue;
+          }
           size = contentLength(response.headers);
           // The file exists before anyone is told, so every reader can open it. A retry from byte 0 (cut
           // before the first byte) writes into the same file.
           try {
             file ??= await open(task.partPath, 'w', 0o600); // private images among them: the proxy's alone
           } catch (err) {
-            response.body.destroy();
+            discard(response.body);
             return { kind: 'failed', reason: `cannot create the cache file: ${describe(err)}`, offset: 0, writeError: true };
           }
           writer.file = file;
           send({ type: 'response', size, mediaType: headerValue(response.headers['content-type']), hops, from: urlForLog(url) });
+          responded = true;
         } else if (!(await positioned(response, offset))) {
-          response.body.destroy();
-          spanned.error = `upstream could not resume at byte ${offset}`;
-          if (attempt < MAX_RESUMES) continue;
-          return { kind: 'failed', reason: `upstream could not resume at byte ${offset}`, offset };
+          discard(response.body);
+          const refused = status === 401 && atRegistry;
+          const retryAfter = retryAfterMs(response.headers['retry-after']);
+          const reason =
+            status === 200 || status === 206
+              ? `upstream could not resume at byte ${offset} (${status})`
+              : `upstream answered ${status} to the resume at byte ${offset}${atRegistry ? '' : ` from ${url.host} after ${hops} redirect${hops === 1 ? '' : 's'}`}`;
+          const outcome = failed(reason, { ...(retryAfter !== undefined ? { retryAfter } : {}), ...(refused ? { refused: { wwwAuthenticate: response.headers['www-authenticate'] } } : {}) });
+          if (outcome) return outcome;
+          continue;
         }
         try {
           await writer.consume(response.body, size);
-          if (!response.body.readableEnded) response.body.destroy(); // more than announced: ignored
+          if (!response.body.readableEnded) discard(response.body); // more than announced: ignored
           if (size === undefined || writer.written >= size) break;
           throw new Error(`upstream ended at byte ${writer.written} of ${size}`);
         } catch (err) {
+          discard(response.body); // unread, it would hold the upstream connection open for good
           if (err instanceof WriteError) {
-            response.body.destroy(); // unread, it would hold the upstream connection open for good
             spanned.error = err.message;
             return { kind: 'failed', reason: err.message, offset: writer.written, writeError: true };
           }
           if (size !== undefined && writer.written >= size) break;
-          spanned.error = `upstream broke off at byte ${writer.written}: ${describe(err)}`;
-          if (attempt >= MAX_RESUMES) return { kind: 'failed', reason: `upstream broke off at byte ${writer.written} ${MAX_RESUMES + 1} times: ${describe(err)}`, offset: writer.written };
+          const outcome = failed(`upstream broke off at byte ${writer.written}: ${describe(err)}`);
+          if (outcome) return outcome;
         }
       } finally {
         spanned.end();
@@ -144,6 +205,40 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
     // Whatever did not become a blob goes: never a partial file where a blob could be looked for.
     await rm(task.partPath, { force: true }).catch(() => {});
   }
+}
+
+/**
+ * Before any byte went to a client, which answers are worth another attempt: the registry's trouble
+ * (5xx, 429, 408), and a 401/403 from the host a redirect led to (an expired signed URL: the registry
+ * hands out a fresh one). A 404, or a 401/403 from the registry itself, is its answer: the client gets it.
+ */
+function retriableBeforeResponse(status: number, atRegistry: boolean): boolean {
+  if (status >= 500 || status === 429 || status === 408) return true;
+  return !atRegistry && (status === 401 || status === 403);
+}
+
+let authorizationRequests = 0;
+
+/**
+ * A fresh Authorization from the primary (the token exchange lives there), after the registry refused
+ * the fill's: asked on the task's port, answered on it; undefined when the primary has none to offer.
+ */
+function askForAuthorization(port: MessagePort, send: (m: FillMessage) => void, wwwAuthenticate: string | string[] | undefined): Promise<string | undefined> {
+  const id = ++authorizationRequests;
+  return new Promise((resolve) => {
+    const done = (authorization: string | undefined) => {
+      clearTimeout(timer);
+      port.off('message', onMessage);
+      resolve(authorization);
+    };
+    const onMessage = (message: FillReply) => {
+      if (message?.type === 'authorization' && message.id === id) done(message.authorization);
+    };
+    // The primary always answers; should it not (it is shutting down), the fill goes on without.
+    const timer = setTimeout(() => done(undefined), AUTHORIZATION_ANSWER_MS);
+    port.on('message', onMessage);
+    send({ type: 'need-authorization', id, ...(wwwAuthenticate !== undefined ? { wwwAuthenticate } : {}) });
+  });
 }
 
 class WriteError extends Error {}

@@ -170,8 +170,20 @@ export class BlobStore {
     await this.db.put(digest, entry);
   }
 
+  /**
+   * Records a hit; nobody waits for it. A write that fails (disk or map full) is logged by the index
+   * (cache/index.ts) and costs only this hit's count and access time: the hit is served all the same.
+   */
   touch(digest: string, entry: BlobEntry): void {
-    void this.db.put(digest, { ...entry, hits: entry.hits + 1, lastAccess: Date.now() });
+    this.db.put(digest, { ...entry, hits: entry.hits + 1, lastAccess: Date.now() }).catch(() => {});
+  }
+
+  /** The blob turned out to be readable by anyone: no client needs a read check for it any more. */
+  async markPublic(digest: string): Promise<void> {
+    await this.db.transaction(() => {
+      const entry = this.db.get(digest);
+      if (entry && entry.access !== 'anonymous') this.db.put(digest, { ...entry, access: 'anonymous' });
+    });
   }
 
   async forget(digest: string): Promise<void> {

@@ -7,10 +7,14 @@ export interface FillTask {
   upstream: UpstreamConfig;
   /** Registry path of the blob: /v2/<name>/blobs/<digest>. */
   path: string;
-  /** Sent upstream on the first hop (Authorization, User-Agent); dropped when a redirect leaves the host. */
+  /**
+   * Sent upstream on the first hop (Authorization, User-Agent); Authorization is dropped when a redirect
+   * leaves the host. Replaced by a fresh Authorization from the primary after the registry refused it.
+   */
   headers: Record<string, string>;
   partPath: string;
   blobPath: string;
+  /** Both ways: FillMessage from the task, FillReply to it. Closed by the primary after 'end'. */
   port: MessagePort;
   /** The W3C traceparent of the fill's span in the primary (tracing.ts carrierOf), when tracing. */
   trace?: Record<string, string>;
@@ -23,8 +27,24 @@ export type FillMessage =
   | { type: 'progress'; bytes: number }
   /** Every byte is in and the digest matches: readers may send their last byte. */
   | { type: 'verified'; size: number }
+  /**
+   * An upstream attempt failed; attempt number `attempt` (of `of`) follows after `delayMs`, from byte
+   * `offset`. `reason` names what failed (a status, an error code), never a header value.
+   * `freshAuthorization`: after a 401 from the registry, whether the primary gave a new Authorization.
+   */
+  | { type: 'retry'; attempt: number; of: number; offset: number; reason: string; delayMs: number; freshAuthorization?: boolean }
+  /**
+   * The registry refused the fill's Authorization (401) after the response began: the primary answers on
+   * the same port with a FillReply of the same `id` (the token exchange lives on the primary).
+   */
+  | { type: 'need-authorization'; id: number; wwwAuthenticate?: string | string[] }
   /** The last message of a task; `resumes`: upstream requests after the first (for the fill's span). */
   | { type: 'end'; outcome: FillOutcome; resumes?: number };
+
+/** From the primary to a fill task, on the task's port. */
+export type FillReply =
+  /** The answer to a 'need-authorization': the Authorization to send from now on; absent: none better. */
+  { type: 'authorization'; id: number; authorization?: string };
 
 export type FillOutcome =
   | { kind: 'committed'; size: number }

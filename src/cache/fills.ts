@@ -2,13 +2,13 @@
 // joins. The primary keeps the in-flight map (digest → Fill); a Fill mirrors what its task reports, and
 // readers wait on it for bytes to exist in the growing file.
 import { EventEmitter } from 'node:events';
-import { MessageChannel } from 'node:worker_threads';
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import type { Span, SpanContext } from '@opentelemetry/api';
 import type { Logger } from '../log.ts';
 import type { WorkerPool } from '../pool.ts';
 import type { UpstreamConfig } from '../upstream/agents.ts';
 import type { Access, BlobStore, CacheLimits } from './blob-store.ts';
-import type { FillMessage, FillOutcome } from './fill-protocol.ts';
+import type { FillMessage, FillOutcome, FillReply, FillTask } from './fill-protocol.ts';
 import { carrierOf, endSpan, tracer } from '../tracing.ts';
 
 export interface FillRequest {
@@ -19,13 +19,19 @@ export interface FillRequest {
   access: Access;
   registry: string;
   repository: string;
+  /**
+   * A fresh Authorization after the registry answered 401 (with this WWW-Authenticate) to the fill's:
+   * the token exchange lives here, on the primary. Undefined: none better to offer.
+   */
+  freshAuthorization?: (wwwAuthenticate: string | string[] | undefined) => Promise<string | undefined>;
 }
 
 export class Fill extends EventEmitter {
   readonly digest: string;
   readonly partPath: string;
   readonly blobPath: string;
-  readonly access: Access;
+  /** May become 'anonymous' while the fill runs, when the blob turns out to be public. */
+  access: Access;
   /** Where the blob is being fetched from (its cached entry will say so too). */
   readonly origin: { registry: string; repository: string };
   /** Set when upstream answered 200. */
@@ -117,6 +123,26 @@ export class Fills {
     if (span.isRecording()) fill.spanContext = span.spanContext();
     const { port1, port2 } = new MessageChannel();
     port1.on('message', (message: FillMessage) => {
+      if (message.type === 'need-authorization') {
+        void this.answerAuthorization(request, fill, port1, message.id, message.wwwAuthenticate);
+        return;
+      }
+      if (message.type === 'retry') {
+        // What was tried and why it failed, never a header value (a token, a signed URL's query).
+        this.log.warn('a blob fill tries upstream again', {
+          digest: request.digest,
+          registry: request.registry,
+          repository: request.repository,
+          attempt: message.attempt,
+          of: message.of,
+          offset: message.offset,
+          reason: message.reason,
+          delayMs: message.delayMs,
+          ...(message.freshAuthorization !== undefined ? { freshAuthorization: message.freshAuthorization } : {}),
+        });
+        if (span.isRecording()) span.addEvent('retry', { 'pullthrough.attempt': message.attempt, 'pullthrough.offset': message.offset, 'pullthrough.retry.reason': message.reason, 'pullthrough.retry.delay_ms': message.delayMs });
+        return;
+      }
       fill.apply(message);
       if (message.type === 'response') {
         if (span.isRecording()) span.setAttributes({ 'pullthrough.upstream.status': 200, 'pullthrough.hops': message.hops, 'pullthrough.upstream.url': message.from, ...(message.size !== undefined ? { 'pullthrough.size': message.size } : {}) });
@@ -129,7 +155,7 @@ export class Fills {
       }
     });
     const trace = carrierOf(span);
-    const task = { digest: request.digest, upstream: request.upstream, path: request.path, headers: request.headers, partPath: fill.partPath, blobPath: fill.blobPath, port: port2, ...(trace ? { trace } : {}) };
+    const task: FillTask = { digest: request.digest, upstream: request.upstream, path: request.path, headers: request.headers, partPath: fill.partPath, blobPath: fill.blobPath, port: port2, ...(trace ? { trace } : {}) };
     this.pool.fill(task, [port2]).catch((err: Error) => {
       // The worker died (Piscina replaces it): its clients are cut, the next request fills again.
       if (fill.outcome) return;
@@ -138,6 +164,19 @@ export class Fills {
       this.finish(request, fill, fill.outcome!, span);
     });
     return fill;
+  }
+
+  /** Always answers the task (it waits), with nothing when there is no better Authorization or the exchange failed. */
+  private async answerAuthorization(request: FillRequest, fill: Fill, port: MessagePort, id: number, wwwAuthenticate: string | string[] | undefined): Promise<void> {
+    let authorization: string | undefined;
+    try {
+      authorization = await request.freshAuthorization?.(wwwAuthenticate);
+    } catch (err) {
+      this.log.warn('no fresh Authorization for a blob fill', { digest: request.digest, registry: request.registry, error: (err as Error).message });
+    }
+    if (fill.outcome) return; // the task ended meanwhile: its port is closed
+    const reply: FillReply = { type: 'authorization', id, ...(authorization !== undefined ? { authorization } : {}) };
+    port.postMessage(reply);
   }
 
   private finish(request: FillRequest, fill: Fill, outcome: FillOutcome, span: Span, resumes?: number): void {
@@ -168,7 +207,7 @@ export class Fills {
         hits: 0,
         registry: request.registry,
         repository: request.repository,
-        access: request.access,
+        access: fill.access,
       }).then(settled, (err: Error) => {
         settled();
         this.log.error('cannot record a verified blob in the index', { ...where, error: err.message });

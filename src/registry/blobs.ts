@@ -2,6 +2,7 @@
 // (JOINED), or by starting the one fill every later client joins (MISS). One pipeline for GET, HEAD
 // and Range: HEAD is the same answer without the body.
 import { open, type FileHandle } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { trace, type Context } from '@opentelemetry/api';
 import type { Dispatcher } from 'undici';
@@ -10,7 +11,7 @@ import type { Access, BlobStore, CacheLimits } from '../cache/blob-store.ts';
 import { drained, pumpFile, type PumpResult } from '../cache/blob-reader.ts';
 import type { Fill, Fills } from '../cache/fills.ts';
 import type { CacheStatus, Logger } from '../log.ts';
-import { positionAt } from '../upstream/body.ts';
+import { backoffMs, discard, guard, MAX_ATTEMPTS, positionAt } from '../upstream/body.ts';
 import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
 import { describeUpstreamError, responseHeadersForClient, upstreamFailed } from '../upstream/forward.ts';
 import { requestFollowingRedirects, urlForLog } from '../upstream/redirects.ts';
@@ -59,7 +60,7 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
 
     const entry = deps.store.lookup(blob.digest);
     if (entry) {
-      const refused = await refuseUnlessReadable(deps, { access: entry.access, origin: { registry: entry.registry, repository: entry.repository } }, req, res, blob);
+      const refused = await refuseUnlessReadable(deps, { access: entry.access, origin: { registry: entry.registry, repository: entry.repository }, size: entry.size }, req, res, blob);
       if (refused) return refused;
       const opened = head ? undefined : await deps.store.open(blob.digest);
       if (head || opened) {
@@ -84,7 +85,7 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
         fill.joined++;
         // The request's span points at the fill that serves it (a child of another client's request).
         if (fill.spanContext) trace.getActiveSpan()?.addLink({ context: fill.spanContext, attributes: { 'pullthrough.link': 'joined-fill' } });
-        const refused = await refuseUnlessReadable(deps, { access: fill.access, origin: fill.origin }, req, res, blob);
+        const refused = await refuseUnlessReadable(deps, { access: fill.access, origin: fill.origin, size: fill.size }, req, res, blob);
         if (refused) return refused;
       } else {
         fill = deps.fills.start({
@@ -95,8 +96,10 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
           access: decision.access,
           registry: blob.upstream.key,
           repository: blob.name,
+          freshAuthorization: freshAuthorizations(deps.auth, targetOf(blob), decision),
         });
         cache = 'MISS';
+        if (fill.access === 'client') relabelIfPublic(deps, blob, fill);
       }
       await fill.responseReady();
       // A token the proxy chose and the registry refused (expired, or a new challenge): once more.
@@ -223,7 +226,11 @@ async function finishPump(req: IncomingMessage, res: ServerResponse, blob: BlobR
   }
 }
 
-/** The rest of a blob straight from upstream, after the response has started (the cache could not write). */
+/**
+ * The rest of a blob straight from upstream, after the response has started (the cache could not
+ * write): from `position`, tried again from where it stopped (backoff, MAX_ATTEMPTS in all) when
+ * upstream breaks off or answers anything but the range; the client is cut only when every attempt failed.
+ */
 async function continueFromUpstream(
   req: IncomingMessage,
   res: ServerResponse,
@@ -233,24 +240,51 @@ async function continueFromUpstream(
   end: number | undefined,
   authorization: string | undefined,
 ): Promise<{ bytes: number; error?: string }> {
-  const span = startUpstreamSpan('GET', () => blobUrl(blob), { 'pullthrough.range.start': position });
-  const traced = (result: { bytes: number; error?: string }, status?: number) => {
+  let bytes = 0;
+  let error = '';
+  for (let attempt = 1; attempt <= MAX_ATTEMPTS; attempt++) {
+    if (attempt > 1) await sleep(backoffMs(attempt - 1));
+    if (res.destroyed) return { bytes, error: 'the client left' };
+    const from = position + bytes;
+    const step = await continueOnce(req, res, dispatcher, blob, from, end, authorization);
+    bytes += step.bytes;
+    if (step.done) return step.error ? { bytes, error: step.error } : { bytes };
+    error = step.error ?? 'upstream broke off';
+  }
+  res.destroy(); // no clean end: the client must not take these bytes for the blob
+  return { bytes, error: `${error} (${MAX_ATTEMPTS} attempts)` };
+}
+
+/** One upstream request for bytes [from, end) relayed to the client; `done` unless another attempt may help. */
+async function continueOnce(
+  req: IncomingMessage,
+  res: ServerResponse,
+  dispatcher: Dispatcher,
+  blob: BlobRequest,
+  from: number,
+  end: number | undefined,
+  authorization: string | undefined,
+): Promise<{ bytes: number; done: boolean; error?: string }> {
+  const span = startUpstreamSpan('GET', () => blobUrl(blob), { 'pullthrough.range.start': from });
+  const traced = (result: { bytes: number; done: boolean; error?: string }, status?: number) => {
     endSpan(span, { 'pullthrough.bytes': result.bytes, ...(status !== undefined ? { 'http.response.status_code': status } : {}) }, result.error);
     return result;
   };
+  let body: Dispatcher.ResponseData['body'] | undefined;
+  const relayed = { bytes: 0 };
   try {
-    const range = `bytes=${position}-${end === undefined ? '' : end - 1}`;
+    const range = `bytes=${from}-${end === undefined ? '' : end - 1}`;
     const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers: { ...fillHeaders(req, authorization), range }, trace: contextWith(span) });
-    if (!(await positionAt(response.statusCode, response.headers, response.body, position))) {
-      response.body.destroy();
-      res.destroy();
-      return traced({ bytes: 0, error: `upstream could not continue at byte ${position} (${response.statusCode})` }, response.statusCode);
+    body = guard(response.body);
+    if (!(await positionAt(response.statusCode, response.headers, response.body, from))) {
+      discard(response.body);
+      return traced({ bytes: 0, done: false, error: `upstream could not continue at byte ${from} (${response.statusCode})` }, response.statusCode);
     }
-    const { bytes, left } = await relayBody(response.body, res, end === undefined ? Number.POSITIVE_INFINITY : end - position);
-    return traced(left ? { bytes, error: 'the client left' } : { bytes }, response.statusCode);
+    const { left } = await relayBody(response.body, res, end === undefined ? Number.POSITIVE_INFINITY : end - from, relayed);
+    return traced(left ? { bytes: relayed.bytes, done: true, error: 'the client left' } : { bytes: relayed.bytes, done: true }, response.statusCode);
   } catch (err) {
-    res.destroy();
-    return traced({ bytes: 0, error: describeUpstreamError(err as Error) });
+    if (body) discard(body);
+    return traced({ bytes: relayed.bytes, done: res.destroyed, error: describeUpstreamError(err as Error) });
   }
 }
 
@@ -285,10 +319,25 @@ async function fromUpstreamTraced(
 }
 
 /** A cached or filling blob goes only to a client that may read it (R6); others get upstream's refusal. */
-async function refuseUnlessReadable(deps: BlobDeps, object: { access: Access; origin: { registry: string; repository: string } }, req: IncomingMessage, res: ServerResponse, blob: BlobRequest): Promise<BlobResult | undefined> {
+async function refuseUnlessReadable(
+  deps: BlobDeps,
+  object: { access: Access; origin: { registry: string; repository: string }; size: number | undefined },
+  req: IncomingMessage,
+  res: ServerResponse,
+  blob: BlobRequest,
+): Promise<BlobResult | undefined> {
   let verdict;
   try {
-    verdict = await deps.readAccess.check({ ...object, req, user: blob.user, target: targetOf(blob), path: blobUpstreamUrl(blob).pathname });
+    verdict = await deps.readAccess.check({
+      access: object.access,
+      origin: object.origin,
+      req,
+      user: blob.user,
+      target: targetOf(blob),
+      path: blobUpstreamUrl(blob).pathname,
+      expected: { digest: blob.digest, ...(object.size !== undefined ? { size: object.size } : {}) },
+      onPublic: () => deps.store.markPublic(blob.digest),
+    });
   } catch (err) {
     const message = `cannot verify read access with ${blob.upstream.origin}: ${describeUpstreamError(err as Error)}`;
     sendRegistryError(res, 503, 'UNAVAILABLE', message);
@@ -299,6 +348,42 @@ async function refuseUnlessReadable(deps: BlobDeps, object: { access: Access; or
   res.writeHead(verdict.status, { 'Content-Type': 'application/json', ...verdict.headers, 'Content-Length': Buffer.byteLength(body) });
   res.end(req.method === 'HEAD' ? undefined : body);
   return { status: verdict.status, bytes: 0, cache: 'HIT', upstreamStatus: verdict.status, error: 'read access refused' };
+}
+
+/**
+ * A fill with a client's own token, which the proxy did not see issued (its token service is not
+ * intercepted): asked once anonymously, meanwhile, whether the blob is public; if so it is cached as
+ * such (or relabelled, when the fill finished first), and no later client needs a read check for it.
+ */
+function relabelIfPublic(deps: BlobDeps, blob: BlobRequest, fill: Fill): void {
+  deps.readAccess
+    .isPublic({ target: targetOf(blob), path: blobUpstreamUrl(blob).pathname, expected: { digest: blob.digest } })
+    .then(async (isPublic) => {
+      if (!isPublic) return;
+      fill.access = 'anonymous';
+      if (fill.outcome) await deps.store.markPublic(blob.digest);
+    })
+    .catch((err: unknown) => deps.log.warn('could not relabel a public blob', { digest: blob.digest, error: describeUpstreamError(err as Error) }));
+}
+
+/**
+ * What a fill asks for when the registry refuses its Authorization mid-blob (401): a token the proxy
+ * chose is exchanged again for the challenge; a client's own that expired gives way to the proxy's own
+ * (central credentials or anonymous). Each answer becomes the one the next refusal replaces.
+ */
+function freshAuthorizations(auth: UpstreamAuth, target: UpstreamTarget & { repository: string }, started: AuthDecision): (wwwAuthenticate: string | string[] | undefined) => Promise<string | undefined> {
+  let current = started;
+  return async (wwwAuthenticate) => {
+    let next: AuthDecision | undefined;
+    if (current.byProxy) next = await auth.retryAfter401(target, current, wwwAuthenticate);
+    else {
+      const own = await auth.proxyDecision(target);
+      next = own.authorization !== undefined && own.authorization !== current.authorization ? own : await auth.retryAfter401(target, own, wwwAuthenticate);
+    }
+    if (!next?.authorization) return undefined;
+    current = next;
+    return next.authorization;
+  };
 }
 
 function targetOf(blob: BlobRequest): UpstreamTarget & { repository: string } {
@@ -316,19 +401,19 @@ function blobUrl(blob: BlobRequest): string {
 
 /**
  * Copies an upstream body to the client, at most `limit` bytes, then ends the response. Stops early
- * (leaving the loop releases upstream) when the client has gone.
+ * (leaving the loop releases upstream) when the client has gone. `progress.bytes` counts what was
+ * written, for a caller that continues after an upstream error.
  */
-async function relayBody(body: AsyncIterable<Buffer>, res: ServerResponse, limit = Number.POSITIVE_INFINITY): Promise<{ bytes: number; left: boolean }> {
-  let bytes = 0;
+async function relayBody(body: AsyncIterable<Buffer>, res: ServerResponse, limit = Number.POSITIVE_INFINITY, progress = { bytes: 0 }): Promise<{ bytes: number; left: boolean }> {
   for await (const chunk of body) {
-    const piece = chunk.length > limit - bytes ? chunk.subarray(0, limit - bytes) : chunk;
-    bytes += piece.length;
+    const piece = chunk.length > limit - progress.bytes ? chunk.subarray(0, limit - progress.bytes) : chunk;
+    progress.bytes += piece.length;
     if (!res.write(piece)) await drained(res);
-    if (res.destroyed) return { bytes, left: true };
-    if (bytes >= limit) break;
+    if (res.destroyed) return { bytes: progress.bytes, left: true };
+    if (progress.bytes >= limit) break;
   }
   res.end();
-  return { bytes, left: false };
+  return { bytes: progress.bytes, left: false };
 }
 
 /** What a fill sends upstream on behalf of its first client: the Authorization decided for it. */

@@ -1,6 +1,50 @@
-// Reading upstream bodies by hand: wait for data, and skip to an offset when a resumed request
-// answered 200 instead of 206.
+// Reading upstream bodies by hand: wait for data, skip to an offset when a resumed request answered 200
+// instead of 206, let go of a body without an error escaping, and space out the attempts of a blob.
 import type { Readable } from 'node:stream';
+
+/** Upstream requests per blob transfer: the first and its retries (each resumed from the last byte kept). */
+export const MAX_ATTEMPTS = 6;
+/** The pause before the first retry, doubled for each next one (with jitter), up to BACKOFF_CAP_MS. */
+export const BACKOFF_BASE_MS = 100;
+export const BACKOFF_CAP_MS = 2000;
+
+/**
+ * The pause before retry number `retry` (1 for the first): 100, 200, 400, 800, 1600 ms, capped at 2 s,
+ * each between half and all of that (so fills cut together do not come back together); at least what
+ * upstream asked for with Retry-After, within the cap.
+ */
+export function backoffMs(retry: number, retryAfter?: number): number {
+  const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** Math.max(0, retry - 1));
+  const jittered = Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
+  return Math.min(BACKOFF_CAP_MS, Math.max(jittered, retryAfter ?? 0));
+}
+
+/** Retry-After (delta seconds or an HTTP date) in milliseconds from now; undefined when absent or unreadable. */
+export function retryAfterMs(value: string | string[] | undefined, now = Date.now()): number | undefined {
+  const text = (Array.isArray(value) ? value[0] : value)?.trim();
+  if (!text) return undefined;
+  if (/^\d+$/.test(text)) return Number(text) * 1000;
+  const at = Date.parse(text);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - now);
+}
+
+const ignore = () => {};
+
+/**
+ * From now on an error of this body is only read (body.errored, readable()'s rejection), never thrown at
+ * the thread: a body that errors with no listener (undici's when destroyed unread, or a socket reset
+ * between two reads) ends the worker thread or the process.
+ */
+export function guard<T extends { on(event: 'error', listener: (err: Error) => void): unknown }>(body: T): T {
+  body.on('error', ignore);
+  return body;
+}
+
+/** Lets go of a body that will not be read (it would hold its connection), without an unhandled error. */
+export function discard(body: { destroy(): unknown; on?(event: 'error', listener: (err: Error) => void): unknown }): void {
+  body.on?.('error', ignore);
+  body.destroy();
+}
 
 /** Resolves true when the stream has data or has ended, false after `ms`; rejects on its error. */
 export function readable(body: Readable, ms = Infinity): Promise<boolean> {
@@ -54,7 +98,7 @@ export async function readAtMost(body: AsyncIterable<Buffer> & { destroy(): void
   for await (const chunk of body) {
     size += chunk.length;
     if (size > max) {
-      body.destroy();
+      discard(body);
       return undefined;
     }
     chunks.push(chunk);

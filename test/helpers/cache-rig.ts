@@ -31,6 +31,8 @@ export interface RigOptions {
   cache?: string;
   /** An explicit data directory (a small tmpfs). */
   dataDir?: string;
+  /** YAML for registry.test's `timeouts:` key; default "{ headers: 3s, idle: 3s }". */
+  timeouts?: string;
 }
 
 export async function startCacheRig(options: RigOptions = {}): Promise<CacheRig> {
@@ -43,7 +45,7 @@ export async function startCacheRig(options: RigOptions = {}): Promise<CacheRig>
     `${options.cache ? `cache: ${options.cache}\n` : ''}registries:
   ${registry.hostPort}:
     tls: { ca: ${caFile} }
-    timeouts: { headers: 3s, idle: 3s }
+    timeouts: ${options.timeouts ?? '{ headers: 3s, idle: 3s }'}
 hosts:
   registry.test: 127.0.0.1
   cdn.test: 127.0.0.1

@@ -158,6 +158,24 @@ export async function sendSlowly(res: ServerResponse, bytes: Buffer, chunk: numb
   return true;
 }
 
+/**
+ * A 200 with the whole blob's Content-Length whose connection is cut after exactly `cutAt` bytes (every
+ * byte written has arrived before the cut): a mid-blob break the proxy has to resume with Range.
+ */
+export async function sendAndCut(req: IncomingMessage, res: ServerResponse, blob: FakeBlob, cutAt: number): Promise<void> {
+  res.writeHead(200, { 'Content-Type': blob.mediaType ?? 'application/octet-stream', 'Content-Length': blob.bytes.length });
+  await writeFlushed(res, blob.bytes.subarray(0, cutAt));
+  await sleep(100);
+  req.socket.destroy();
+}
+
+/** A registry-style error answer (JSON `errors` body) with extra headers (WWW-Authenticate, Retry-After…). */
+export function sendError(res: ServerResponse, status: number, code: string, headers: Record<string, string> = {}): void {
+  const body = JSON.stringify({ errors: [{ code, message: code.toLowerCase().replaceAll('_', ' ') }] });
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), ...headers });
+  res.end(body);
+}
+
 /** A test CA's certificate in a file, for `tls: { ca: <file> }` in a proxy.yaml. */
 export function writeCaFile(dir: string, ca: TestCa): string {
   const file = path.join(dir, 'upstream-ca.pem');
