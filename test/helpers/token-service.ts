@@ -21,6 +21,8 @@ export interface TokenAccess {
 export interface AccessRule {
   repository: string;
   actions: string[];
+  /** Globs this rule does not cover, e.g. a public '*' except 'private/*' (Docker Hub's anonymous pull). */
+  except?: string[];
 }
 
 export interface TokenUser {
@@ -239,7 +241,8 @@ function grant(rules: AccessRule[], scopes: string[]): TokenAccess[] {
     const last = scope.lastIndexOf(':');
     if (first < 0 || last <= first || scope.slice(0, first) !== 'repository') continue;
     const name = scope.slice(first + 1, last);
-    const allowed = new Set(rules.filter((r) => globMatches(r.repository, name)).flatMap((r) => r.actions));
+    const covers = (r: AccessRule): boolean => globMatches(r.repository, name) && !(r.except ?? []).some((glob) => globMatches(glob, name));
+    const allowed = new Set(rules.filter(covers).flatMap((r) => r.actions));
     const actions = scope.slice(last + 1).split(',').filter((a) => a && (allowed.has(a) || allowed.has('*')));
     if (actions.length > 0) granted.push({ type: 'repository', name, actions });
   }
