@@ -108,6 +108,8 @@ describe('the flows real clusters use, through the proxy, against a Docker-Hub-s
       assert.ok(rig.count({ host: 'auth', kind: 'token' }) >= 1, `${kind} asked the realm for a token`);
       // One counted pull, as without the proxy (a 401 the proxy met learning the registry's challenge aside).
       assert.equal(rig.count({ host: 'registry', kind: 'manifest', method: 'GET', reference: '1.0', status: 200 }), 1, `${kind}: ${upstreamSummary()}`);
+      // The proxy saw the realm issue that token to a request without credentials: public, no check needed.
+      assert.equal(rig.count({ host: 'registry', method: 'HEAD' }), 0, `${kind}: no read or public checks: ${upstreamSummary()}`);
 
       rig.resetCounts();
       const warm = await pull(kind, ref);
@@ -161,6 +163,25 @@ describe('the flows real clusters use, through the proxy, against a Docker-Hub-s
         const refused = await pull(kind, secret.ref);
         assert.equal(refused.ok, false, `${kind} got the private image anonymously during the outage`);
       }
+      // What a Docker-style client does after a 401 ping: a token request to the realm, which the proxy
+      // answers itself; the placeholder it gets counts as no credentials, and the public tag is served.
+      const realm = new URL(rig.realm);
+      const tokenSocket = await tlsThroughProxy(proxy.port, realm.hostname, Number(realm.port), proxy.caPem);
+      const token = await httpOverSocket(tokenSocket, 'GET', `${realm.pathname}?scope=repository:library/outage:pull&service=${rig.service}`, realm.host);
+      assert.equal(token.status, 200, 'a token answer while the token service is down');
+      const placeholder = (JSON.parse(token.body.toString()) as { token: string }).token;
+      const { hostname, port } = new URL(`https://${rig.hubHostPort}`);
+      const withToken = await httpOverSocket(await tlsThroughProxy(proxy.port, hostname, Number(port), proxy.caPem), 'GET', '/v2/library/outage/manifests/short-1', rig.hubHostPort, {
+        Accept: 'application/vnd.oci.image.manifest.v1+json',
+        Authorization: `Bearer ${placeholder}`,
+      });
+      assert.deepEqual([withToken.status, withToken.headers['docker-content-digest'], withToken.headers['x-cache']], [200, image.manifestDigest, 'STALE']);
+      const secretWithToken = await httpOverSocket(await tlsThroughProxy(proxy.port, hostname, Number(port), proxy.caPem), 'GET', '/v2/private/app/manifests/1.0', rig.hubHostPort, {
+        Accept: 'application/vnd.oci.image.manifest.v1+json',
+        Authorization: `Bearer ${placeholder}`,
+      });
+      assert.notEqual(secretWithToken.status, 200, 'the placeholder opens nothing private');
+
       const stale = proxy.access.filter((e) => e.path === '/v2/library/outage/manifests/short-1' && e.cache === 'STALE');
       assert.ok(stale.length >= KINDS.length, 'the tag was served stale');
       assert.equal(rig.count({ host: 'registry' }), 0, 'nothing reached the registry');
