@@ -44,6 +44,11 @@ export function loadPolicy(options: LoadOptions = {}): Policy {
     source = file;
   }
   const policy = parsePolicy(text, source, env, explicit || existsSync(file) ? path.dirname(file) : cwd);
+  for (const tier of ['PRIMARY', 'SECONDARY']) {
+    const name = `MANIFEST_CACHE_${tier}_REGEX`;
+    const value = env[name];
+    if (value) tierRegex(value, (m) => { throw new ConfigError(`${name}="${value}": ${m}`); });
+  }
   applySeedEnvironment(policy, env);
   linkTokenServices(policy);
   if (env.PULLTHROUGH_LISTEN) policy.listen = parseListen(env.PULLTHROUGH_LISTEN, (m) => { throw new ConfigError(`PULLTHROUGH_LISTEN: ${m}`); });
@@ -165,12 +170,30 @@ function parseManifests(cursor: Cursor, inherited: ManifestPolicy): ManifestPoli
           const t = tier.entries(['match', 'ttl']);
           const match = t.get('match') ?? tier.fail('a tier needs "match" (a regex) and "ttl"');
           const ttl = t.get('ttl') ?? tier.fail('a tier needs "match" (a regex) and "ttl"');
-          return { match: match.string(), regex: match.regex(), ttlMs: ttl.durationMs() };
+          return { match: match.string(), regex: tierRegex(match.string(), (m) => match.fail(m)), ttlMs: ttl.durationMs() };
         })
       : inherited.tiers,
     defaultTtlMs: fields.get('defaultTtl')?.durationMs() ?? inherited.defaultTtlMs,
     maxStaleMs: fields.get('maxStale')?.durationMs() ?? inherited.maxStaleMs,
   };
+}
+
+/**
+ * A tier's regex, matched against the whole tag: ^(?:match)$. `match` must be a regex on its own first:
+ * else a ")" in it closes the anchoring group early, and "stable)|(v1" becomes ^(?:stable)|(v1)$, which
+ * matches every tag that merely starts with "stable" (or ends with "v1").
+ */
+function tierRegex(match: string, fail: (message: string) => never): RegExp {
+  try {
+    new RegExp(match);
+  } catch (err) {
+    fail(`${(err as Error).message}: a tier's match must be a regular expression on its own (it is anchored as ^(?:…)$)`);
+  }
+  try {
+    return new RegExp(`^(?:${match})$`);
+  } catch (err) {
+    return fail((err as Error).message);
+  }
 }
 
 function parseTimeouts(cursor: Cursor | undefined, inherited: Timeouts): Timeouts {

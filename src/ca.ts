@@ -20,6 +20,7 @@ const MEMORY_CACHE_SIZE = 1000;
 /** Where minted leaf certificates persist across restarts (the LMDB index); optional. */
 export interface LeafStore {
   get(key: string): string | undefined;
+  /** Stores in the background: a write that fails is the store's to log, never the caller's to handle. */
   put(key: string, certPem: string): void;
 }
 
@@ -106,15 +107,29 @@ export class CertificateAuthority {
       return cached.context;
     }
     const storeKey = `${this.fingerprint}/${host}`;
-    let certPem = this.store?.get(storeKey);
-    if (!certPem || !this.reusable(new X509Certificate(certPem), now)) {
+    let certPem = this.storedLeaf(storeKey, now);
+    if (!certPem) {
       certPem = this.mintLeaf(host);
-      this.store?.put(storeKey, certPem);
+      try {
+        this.store?.put(storeKey, certPem);
+      } catch {
+        // The store only saves minting: a leaf it cannot keep is served all the same, minted again next start.
+      }
     }
     const context = tls.createSecureContext({ cert: certPem + this.certPem, key: this.leafKeyPem });
     this.contexts.set(host, { context, notAfter: new X509Certificate(certPem).validToDate.getTime() });
     if (this.contexts.size > MEMORY_CACHE_SIZE) this.contexts.delete(this.contexts.keys().next().value!);
     return context;
+  }
+
+  /** The stored leaf for `key` if it may be served again; a store that cannot be read, or garbage in it, means minting. */
+  private storedLeaf(key: string, now: number): string | undefined {
+    try {
+      const certPem = this.store?.get(key);
+      return certPem && this.reusable(new X509Certificate(certPem), now) ? certPem : undefined;
+    } catch {
+      return undefined;
+    }
   }
 
   /**

@@ -13,6 +13,7 @@ import { decide, parseTarget } from './connect.ts';
 import { pathForLog, type Logger } from './log.ts';
 import { authenticateProxyUser } from './proxy-users.ts';
 import type { RegistryHandler } from './registry/handler.ts';
+import { answerFailure, withErrorAnswers } from './request-failures.ts';
 import type { InterceptedSessions } from './session.ts';
 import { tunnel } from './tunnel.ts';
 
@@ -34,7 +35,9 @@ export interface Front {
   close(): Promise<void>;
 }
 
-export function createFront(deps: FrontDeps): Front {
+export function createFront(frontDeps: FrontDeps): Front {
+  // Every async entry point has an error path: a handler that throws is answered, never left unhandled.
+  const deps: FrontDeps = { ...frontDeps, registryHandler: withErrorAnswers(frontDeps.registryHandler, frontDeps.log) };
   const { policy, log } = deps;
   // CONNECT sockets leave the HTTP server's bookkeeping but still hold server.close() open.
   const connectSockets = new Set<Duplex>();
@@ -78,7 +81,13 @@ export function createFront(deps: FrontDeps): Front {
         logConnect(403, { error: decision.reason });
         return;
       case 'intercept':
-        deps.sessions.accept(socket, head, target, decision.registry, client, user);
+        try {
+          deps.sessions.accept(socket, head, target, decision.registry, client, user);
+        } catch (err) {
+          // A certificate that cannot be minted for this name, say: that client is refused, the rest go on.
+          log.error('an intercepted session could not start', { host: req.url ?? '', error: (err as Error).message });
+          socket.destroy();
+        }
         return;
       case 'tunnel':
         // Never back into the proxy itself: through a tunnel the admin surface would see a loopback client.
@@ -87,8 +96,12 @@ export function createFront(deps: FrontDeps): Front {
           logConnect(403, { error: 'tunnel to the proxy itself' });
           return;
         }
-        void tunnel(socket, head, target, { lookup: deps.lookup, connectTimeoutMs: policy.tunnel.connectTimeoutMs, idleTimeoutMs: policy.tunnel.idleTimeoutMs }).then((result) =>
-          logConnect(result.status, { cache: 'TUNNEL', bytes: result.received, ...(user ? { user: user.name } : {}), ...(result.error ? { error: result.error } : {}) }),
+        void tunnel(socket, head, target, { lookup: deps.lookup, connectTimeoutMs: policy.tunnel.connectTimeoutMs, idleTimeoutMs: policy.tunnel.idleTimeoutMs }).then(
+          (result) => logConnect(result.status, { cache: 'TUNNEL', bytes: result.received, ...(user ? { user: user.name } : {}), ...(result.error ? { error: result.error } : {}) }),
+          (err: Error) => {
+            socket.destroy();
+            log.error('a tunnel failed', { host: req.url ?? '', error: err.message });
+          },
         );
         return;
     }
@@ -98,12 +111,24 @@ export function createFront(deps: FrontDeps): Front {
     const url = req.url ?? '/';
     if (url.startsWith('/')) {
       const started = performance.now();
-      void deps.admin(req, res).then((status) =>
-        log.access({ method: req.method ?? 'GET', host: 'pullthrough', path: pathForLog(url), status, bytes: bodyBytes(res), type: 'admin', client: req.socket.remoteAddress ?? '', ms: Math.round(performance.now() - started) }),
+      const logAdmin = (status: number, error?: string) =>
+        log.access({ method: req.method ?? 'GET', host: 'pullthrough', path: pathForLog(url), status, bytes: error ? 0 : bodyBytes(res), type: 'admin', client: req.socket.remoteAddress ?? '', ms: Math.round(performance.now() - started), ...(error ? { error } : {}) });
+      void deps.admin(req, res).then(
+        (status) => logAdmin(status),
+        (err: unknown) => {
+          const failure = answerFailure(req, res, err, log, 'pullthrough');
+          logAdmin(failure.status, failure.error);
+        },
       );
       return;
     }
-    const refused = forwardPlainHttp(req, res, deps);
+    let refused: ReturnType<typeof forwardPlainHttp>;
+    try {
+      refused = forwardPlainHttp(req, res, deps);
+    } catch (err) {
+      answerFailure(req, res, err, log, req.headers.host ?? '');
+      return;
+    }
     if (refused) log.access({ method: req.method ?? 'GET', host: req.headers.host ?? '', path: pathForLog(url), status: refused.status, bytes: 0, type: 'plain-http', client: req.socket.remoteAddress ?? '', ms: 0, error: refused.message });
   });
 
@@ -156,6 +181,7 @@ function forwardPlainHttp(req: http.IncomingMessage, res: http.ServerResponse, d
     return plainRefusal(res, 407, proxyAuth.reason);
   }
   req.url = `${url.pathname}${url.search}`;
+  // Never rejects: createFront gave it an error path (withErrorAnswers).
   void deps.registryHandler(req, res, { registry, client: req.socket.remoteAddress ?? '', ...(proxyAuth.kind === 'user' ? { user: proxyAuth.user } : {}) });
   return undefined;
 }

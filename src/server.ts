@@ -1,6 +1,6 @@
 // Wires the parts together and starts listening: the LMDB index, the CA, the worker pool, the
 // upstream agents, the intercepted sessions and the front.
-import { mkdirSync, readFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import type { Policy } from '../config/policy.ts';
 import { dashboardData } from './admin/dashboard.ts';
@@ -56,9 +56,9 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
       metrics?.observe(entry);
     },
   };
-  // The cache holds private images: only the proxy's user may look inside.
-  mkdirSync(policy.dataDir, { recursive: true, mode: 0o700 });
-  const index = openIndex(policy.dataDir);
+  // The cache holds private images: only the proxy's user may look inside, whoever made the directory.
+  prepareDataDir(policy.dataDir, log);
+  const index = openIndex(policy.dataDir, log);
   const { ca, created, copiedFrom } = CertificateAuthority.loadOrCreate(policy.caDir, index.leafCertificates, policy.dataDir);
   log.info(created ? 'created a new CA; clients must trust it (GET /ca.crt)' : copiedFrom ? 'copied the CA of the data directory into caDir' : 'using the CA in caDir', {
     caDir: policy.caDir,
@@ -130,6 +130,26 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
       await index.close();
     },
   };
+}
+
+/**
+ * dataDir 0700, also when it existed before (an older version's 0755): every blob and manifest in it
+ * may be private. One the proxy cannot chmod (a Kubernetes volume owned by root, group fsGroup) is used
+ * as it is: what is private in it is private on its own (the index 0700, blob files 0600).
+ */
+function prepareDataDir(dataDir: string, log: Logger): void {
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const { mode } = statSync(dataDir);
+  if ((mode & 0o077) === 0) return;
+  try {
+    chmodSync(dataDir, 0o700);
+  } catch (err) {
+    log.info('the data directory keeps its mode (it belongs to another user); the index and cached files in it are private on their own', {
+      dataDir,
+      mode: (mode & 0o777).toString(8).padStart(4, '0'),
+      error: (err as NodeJS.ErrnoException).code ?? (err as Error).message,
+    });
+  }
 }
 
 /** R6.2: what central credentials fetch is the operator's to share; say so, once, at start. */

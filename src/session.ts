@@ -9,6 +9,7 @@ import type { CertificateAuthority } from './ca.ts';
 import type { Target } from './connect.ts';
 import type { Logger } from './log.ts';
 import type { RegistryHandler } from './registry/handler.ts';
+import { withErrorAnswers } from './request-failures.ts';
 
 interface SessionInfo {
   registry: RegistryPolicy;
@@ -27,7 +28,9 @@ export class InterceptedSessions {
 
   constructor(ca: CertificateAuthority, handler: RegistryHandler, log: Logger) {
     this.ca = ca;
-    this.handler = handler;
+    // A handler that throws (an upstream that cuts a manifest, an index that cannot write) is answered
+    // with a registry error, the same way as on the front's plain-HTTP path.
+    this.handler = withErrorAnswers(handler, log);
     this.log = log;
   }
 
@@ -73,14 +76,13 @@ export class InterceptedSessions {
       server = http.createServer({ maxHeaderSize: 64 * 1024 }, (req, res) => {
         const session = this.sessions.get(req.socket)!;
         session.requests++;
-        this.handler(req, res, { registry: session.registry, client: session.client, ...(session.user ? { user: session.user } : {}) }).catch((err: Error) => {
-          this.log.error('request handler failed', { registry: session.registry.key, error: err.stack ?? err.message });
-          res.destroy();
-        });
+        void this.handler(req, res, { registry: session.registry, client: session.client, ...(session.user ? { user: session.user } : {}) });
       });
       server.timeout = registry.timeouts.clientIdleMs;
       server.keepAliveTimeout = registry.timeouts.keepAliveMs;
       server.requestTimeout = 0; // uploads may take as long as they take; idle time is what is bounded
+      // No 'checkContinue' listener: Node answers a client's Expect: 100-continue itself, and the body
+      // is read here; upstream never sees the Expect (upstream/forward.ts).
       server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
         if (socket.writable && err.code !== 'ECONNRESET') socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n');
         else socket.destroy();

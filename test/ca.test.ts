@@ -8,6 +8,7 @@ import { describe, test } from 'node:test';
 import { CertificateAuthority, CertificateError } from '../src/ca.ts';
 import { openIndex } from '../src/cache/index.ts';
 import { createTestCa } from './helpers/pki.ts';
+import { startTestProxy } from './helpers/proxy.ts';
 
 const fresh = () => mkdtempSync(path.join(os.tmpdir(), 'pullthrough-ca-'));
 
@@ -155,5 +156,29 @@ describe('the proxy CA', () => {
     writeFileSync(path.join(dir, 'ca.crt'), 'garbage');
     assert.throws(() => CertificateAuthority.loadOrCreate(dir), /cannot be read/);
     rmSync(dir, { recursive: true });
+  });
+});
+
+describe('the data directory', () => {
+  test('is 0700 and the index in it 0700 with 0600 files, whatever existed before (an older version, a volume)', async () => {
+    const dataDir = path.join(fresh(), 'data');
+    // What an older version left: the data directory and the index directory 0755, the LMDB files 0644.
+    const old = openIndex(dataDir);
+    await old.close();
+    const indexDir = path.join(dataDir, 'index');
+    chmodSync(dataDir, 0o755);
+    chmodSync(indexDir, 0o755);
+    for (const file of readdirSync(indexDir)) chmodSync(path.join(indexDir, file), 0o644);
+
+    const proxy = await startTestProxy('', {}, dataDir);
+    try {
+      assert.equal(statSync(dataDir).mode & 0o777, 0o700);
+      assert.equal(statSync(indexDir).mode & 0o777, 0o700);
+      const files = readdirSync(indexDir);
+      assert.deepEqual(files.sort(), ['data.mdb', 'lock.mdb']);
+      for (const file of files) assert.equal(statSync(path.join(indexDir, file)).mode & 0o777, 0o600, file);
+    } finally {
+      await proxy.close();
+    }
   });
 });

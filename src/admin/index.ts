@@ -24,7 +24,8 @@ export interface AdminDeps {
 
 export type AdminHandler = (req: IncomingMessage, res: ServerResponse) => Promise<number>;
 
-const MAX_ADMIN_BODY = 64 * 1024;
+/** A purge request is a few dozen bytes of JSON. */
+const MAX_ADMIN_BODY = 4 * 1024;
 
 export function createAdminHandler(deps: AdminDeps): AdminHandler {
   return async (req, res) => {
@@ -72,22 +73,58 @@ async function purge(req: IncomingMessage, res: ServerResponse, deps: AdminDeps)
   if (!/^(127\.|::1$|::ffff:127\.)/.test(from)) {
     return send(res, 403, 'text/plain; charset=utf-8', 'pullthrough: purge is accepted from the proxy host only (run `pullthrough purge` there)\n');
   }
-  let text = '';
-  for await (const chunk of req) {
-    text += chunk;
-    if (text.length > MAX_ADMIN_BODY) return send(res, 413, 'text/plain; charset=utf-8', 'too large\n');
+  const body = await readBody(req, MAX_ADMIN_BODY);
+  if (body === 'cut') {
+    // The client closed before its body was whole: nobody is left to answer.
+    res.destroy();
+    return 499;
+  }
+  if (body === 'too large') {
+    // Connection: close, so that the rest of the body is not read as the next request.
+    return send(res, 413, 'text/plain; charset=utf-8', `the body is larger than ${MAX_ADMIN_BODY} bytes\n`, { Connection: 'close' });
   }
   let request: PurgeRequest;
   try {
-    request = JSON.parse(text || '{}') as PurgeRequest;
+    request = JSON.parse(body.toString('utf8') || '{}') as PurgeRequest;
   } catch {
     return send(res, 400, 'text/plain; charset=utf-8', 'the body is not JSON: {"registry"?, "repository"?, "digest"?}\n');
+  }
+  if (typeof request !== 'object' || request === null || Array.isArray(request) || Object.values(request).some((value) => typeof value !== 'string')) {
+    return send(res, 400, 'text/plain; charset=utf-8', 'the body must be a JSON object of strings: {"registry"?, "repository"?, "digest"?}\n');
   }
   if (!request.registry && !request.repository && !request.digest) {
     return send(res, 400, 'text/plain; charset=utf-8', 'name what to purge: registry, repository (with its registry) or digest\n');
   }
   if (request.repository && !request.registry) return send(res, 400, 'text/plain; charset=utf-8', 'a repository needs its registry\n');
   return send(res, 200, 'application/json', JSON.stringify(await deps.purge(request)) + '\n');
+}
+
+/**
+ * The request body, up to `max` bytes; 'cut' when the client left before its end. Read by events, not
+ * `for await`: leaving that loop early would destroy the request, and with it the socket the 413 needs.
+ */
+function readBody(req: IncomingMessage, max: number): Promise<Buffer | 'too large' | 'cut'> {
+  if (Number(req.headers['content-length'] ?? 0) > max) return Promise.resolve('too large');
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const settle = (result: Buffer | 'too large' | 'cut') => {
+      req.off('data', onData).off('end', onEnd).off('error', onCut).off('close', onCut);
+      resolve(result);
+    };
+    const onData = (chunk: Buffer) => {
+      size += chunk.length;
+      chunks.push(chunk);
+      if (size > max) {
+        req.pause();
+        settle('too large');
+      }
+    };
+    const onEnd = () => settle(Buffer.concat(chunks, size));
+    // "aborted": fewer bytes than Content-Length, then a close.
+    const onCut = () => settle('cut');
+    req.on('data', onData).on('end', onEnd).on('error', onCut).on('close', onCut);
+  });
 }
 
 function send(res: ServerResponse, status: number, type: string, body: string, headers: Record<string, string> = {}): number {

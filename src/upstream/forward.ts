@@ -20,6 +20,12 @@ const HOP_BY_HOP = new Set([
   'upgrade',
 ]);
 
+/**
+ * Request headers that stay here. Expect: Node's server has answered the client's 100-continue itself
+ * (no 'checkContinue' listener) and reads the body; undici refuses a request that carries it.
+ */
+const NOT_FORWARDED = new Set(['host', 'expect']);
+
 export interface ForwardTarget {
   /** Set: request bodies are written here in full before they go upstream (PROXY_REQUEST_BUFFERING). */
   spoolDir?: string;
@@ -45,7 +51,7 @@ export function requestHeadersForUpstream(req: IncomingMessage, hostHeader: stri
   const headers: Record<string, string | string[]> = {};
   const connectionTokens = new Set(String(req.headers.connection ?? '').toLowerCase().split(/\s*,\s*/));
   for (const [name, value] of Object.entries(req.headers)) {
-    if (value === undefined || HOP_BY_HOP.has(name) || connectionTokens.has(name) || name === 'host') continue;
+    if (value === undefined || HOP_BY_HOP.has(name) || connectionTokens.has(name) || NOT_FORWARDED.has(name)) continue;
     headers[name] = value;
   }
   headers.host = hostHeader;

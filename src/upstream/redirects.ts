@@ -1,7 +1,7 @@
 // Requests that follow redirects the way registries need: blobs live behind 301/302/303/307/308
 // chains to CDNs (Docker Hub → Cloudflare, ghcr → pkg-containers, registry.k8s.io → GAR → a relative
 // path). Up to 5 hops; relative Locations resolve against the URL that sent them; Authorization is
-// dropped as soon as a hop leaves the registry's host and never comes back.
+// dropped as soon as a hop leaves the registry's origin (scheme, host or port) and never comes back.
 import { SpanKind, type Context } from '@opentelemetry/api';
 import type { Dispatcher } from 'undici';
 import { tracer } from '../tracing.ts';
@@ -49,8 +49,9 @@ export async function requestFollowingRedirects(
     if (hops >= MAX_REDIRECTS) throw new TooManyRedirectsError(`more than ${MAX_REDIRECTS} redirects from ${start.host}`);
     const next = new URL(location, url);
     if (next.protocol !== 'https:' && next.protocol !== 'http:') throw new TooManyRedirectsError(`redirect to unsupported ${next.protocol}`);
-    // Credentials belong to the registry: a CDN (or anything else) never sees them.
-    if (next.host !== start.host) headers = withoutAuthorization(headers);
+    // Credentials belong to the registry's origin: a CDN (or anything else) never sees them, nor does the
+    // registry's own host over plain http (where anyone on the path would read them).
+    if (next.origin !== start.origin) headers = withoutAuthorization(headers);
     url = next;
   }
 }

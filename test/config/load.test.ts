@@ -115,6 +115,9 @@ describe('policy errors name file, line and key', () => {
     ['a bad registry name', 'registries:\n  "bad host:x": {}\n', /:2:17: registries\.bad host:x: "bad host:x" is not a host or host:port/],
     ['a tier without ttl', 'manifests:\n  tiers:\n    - { match: "x" }\n', /:3:7: manifests\.tiers\[0\]: a tier needs/],
     ['an invalid regex', 'manifests:\n  tiers:\n    - { match: "(", ttl: 1m }\n', /:3:16: manifests\.tiers\[0\]\.match: Invalid regular expression/],
+    // Wrapped as ^(?:stable)|(v1)$ it would compile, and match any tag that starts with "stable".
+    ['a regex that escapes its anchoring', 'manifests:\n  tiers:\n    - { match: "stable)|(v1", ttl: 1m }\n', /:3:16: manifests\.tiers\[0\]\.match: Invalid regular expression: .*Unmatched '\)'.*on its own/],
+    ['the same in a registry\'s tiers', 'registries:\n  quay.io:\n    manifests:\n      tiers:\n        - match: "a)|(b"\n          ttl: 1m\n', /:5:18: registries\.quay\.io\.manifests\.tiers\[0\]\.match: Invalid regular expression/],
     ['an unset variable', 'listen: ${NOT_SET_ANYWHERE}\n', /:1:9: listen: environment variable NOT_SET_ANYWHERE is not set/],
     ['an unreadable CA file', 'registries:\n  quay.io:\n    tls: { ca: /nonexistent/ca.pem }\n', /:3:16: registries\.quay\.io\.tls\.ca: cannot read \/nonexistent\/ca\.pem: ENOENT/],
     ['a duplicate key', 'listen: 1\nlisten: 2\n', /:2:1: invalid YAML: Map keys must be unique/],
@@ -125,6 +128,11 @@ describe('policy errors name file, line and key', () => {
   for (const [name, yaml, expected] of cases) {
     test(name, () => assert.match(errorOf(yaml), expected));
   }
+
+  test('a manifest cache regex from the environment must be a regex on its own too', () => {
+    assert.throws(() => policyFrom('', { MANIFEST_CACHE_PRIMARY_REGEX: 'stable)|(v1' }), /MANIFEST_CACHE_PRIMARY_REGEX="stable\)\|\(v1": Invalid regular expression: .*Unmatched '\)'/);
+    assert.throws(() => policyFrom('', { MANIFEST_CACHE_SECONDARY_REGEX: 'x)|(.*' }), /MANIFEST_CACHE_SECONDARY_REGEX=/);
+  });
 
   test('a missing file given explicitly is an error naming it', () => {
     assert.throws(() => loadPolicy({ configPath: '/nonexistent/proxy.yaml', env: {} }), /\/nonexistent\/proxy\.yaml: cannot read the policy file: ENOENT/);
