@@ -15,6 +15,7 @@ import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { BlobHandler } from './blobs.ts';
 import { STALE_ON_STATUS, type ManifestHandler } from './manifests.ts';
 import { sendRegistryError } from './errors.ts';
+import { readAtMost } from '../upstream/body.ts';
 import { isRouteError, routeRequest, type Route, type RouteError } from './route.ts';
 import { credentialsToInject, forwardTokenRequest, isAnonymousTokenRequest } from './token-requests.ts';
 import { clientAuthorization, type UpstreamAuth } from './upstream-auth.ts';
@@ -38,6 +39,9 @@ export interface RegistryHandlerDeps {
   auth: UpstreamAuth;
   log: Logger;
 }
+
+/** A /v2/ answer is a small JSON document; a registry sending more is not read into memory. */
+const MAX_PING_BYTES = 64 * 1024;
 
 /** Methods that change a registry: denied unless the registry's policy says push: bypass. */
 const WRITES = new Set(['POST', 'PUT', 'PATCH', 'DELETE']);
@@ -113,7 +117,10 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       return;
     }
     if (route.kind === 'other') {
-      const credentials = credentialsToInject(deps.policy, registry, req, user);
+      const credentials = await credentialsToInject(deps.policy, registry, req, user, deps.auth, (served) => {
+        const config = configFor(served);
+        return { registry: served, upstream: config, hostHeader: hostHeaderFor(served) };
+      });
       if (credentials || isAnonymousTokenRequest(req)) {
         const result = await forwardTokenRequest(req, res, { dispatcher, origin: upstream.origin, hostHeader }, credentials, deps.auth);
         if (credentials && !result.injected && !result.offline) deps.log.warn('the token service refused the central credentials; the client\'s request was sent without them', { host: registry.key, status: 401 });
@@ -138,11 +145,13 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     if (retagging) await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
     // Everything else streams through untouched, uploads included (unbuffered and unlimited, unless
     // requestBuffering asks for whole uploads first).
-    const spoolDir = deps.policy.requestBuffering ? path.join(deps.policy.dataDir, 'tmp') : undefined;
-    // Reads of the distribution API (tags, referrers, catalog) by a client without credentials get the
-    // proxy's; writes and other paths go with the client's own or none.
+    const uploading = (route.kind === 'upload' || route.kind === 'manifest') && (req.method === 'POST' || req.method === 'PUT' || req.method === 'PATCH');
+    const spoolDir = deps.policy.requestBuffering && uploading ? path.join(deps.policy.dataDir, 'tmp') : undefined;
+    // Reads of the distribution API (tags, referrers) by a client without credentials get the proxy's;
+    // the catalog (every repository the central account can see), writes and other paths go with the
+    // client's own or none.
     const proxyAuthorization =
-      reading && route.kind !== 'other' && !clientAuthorization(req) ? (await deps.auth.proxyDecision({ registry, upstream, hostHeader, ...('name' in route ? { repository: route.name } : {}) })).authorization : undefined;
+      reading && route.kind !== 'other' && route.kind !== 'catalog' && !clientAuthorization(req) ? (await deps.auth.proxyDecision({ registry, upstream, hostHeader, ...('name' in route ? { repository: route.name } : {}) })).authorization : undefined;
     const forwarded = startUpstreamSpan(access.method, () => `${upstream.origin}${access.path}`);
     const result = await forward(req, res, { dispatcher, origin: upstream.origin, hostHeader, ...(spoolDir ? { spoolDir } : {}), ...(proxyAuthorization ? { authorization: proxyAuthorization } : {}) }, { 'X-Cache': 'BYPASS' });
     endSpan(forwarded, result.upstreamStatus !== undefined ? { 'http.response.status_code': result.upstreamStatus } : {}, result.upstreamStatus === undefined ? result.error : undefined);
@@ -204,7 +213,12 @@ async function ping(req: IncomingMessage, res: ServerResponse, target: ForwardTa
   }
   const upstreamMs = Math.round(performance.now() - started);
   if (response && (!staleAllowed || !STALE_ON_STATUS.has(response.statusCode))) {
-    const body = Buffer.from(await response.body.arrayBuffer());
+    const body = await readAtMost(response.body, MAX_PING_BYTES).catch(() => undefined);
+    if (body === undefined) {
+      const message = `upstream ${target.origin} sent a /v2/ answer that was cut or larger than ${MAX_PING_BYTES} bytes`;
+      sendRegistryError(res, 502, 'UNAVAILABLE', message);
+      return { status: 502, bytes: 0, cache: 'BYPASS', upstreamStatus: response.statusCode, upstreamMs, error: message };
+    }
     res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), ...(req.method === 'HEAD' ? {} : { 'content-length': String(body.length) }), 'X-Cache': 'BYPASS' });
     res.end(req.method === 'HEAD' ? undefined : body);
     return { status: response.statusCode, upstreamStatus: response.statusCode, upstreamMs, bytes: req.method === 'HEAD' ? 0 : body.length, cache: 'BYPASS' };

@@ -388,8 +388,8 @@ async function upstreamRequest(asking: Asking, method: 'GET' | 'HEAD'): Promise<
   const target = targetOf(request);
   const start = new URL(manifestPath(request), request.upstream.origin);
   return deps.auth.request(target, await deps.auth.decide(req, target), async (authorization) => {
-    const { response } = await requestFollowingRedirects(dispatcher, start, { method, headers: { ...headers, ...(authorization ? { authorization } : {}) } });
-    return response;
+    const { response, hops } = await requestFollowingRedirects(dispatcher, start, { method, headers: { ...headers, ...(authorization ? { authorization } : {}) } });
+    return Object.assign(response, { hops });
   });
 }
 

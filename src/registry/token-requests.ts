@@ -16,7 +16,7 @@ import { describeUpstreamError, requestHeadersForUpstream, responseHeadersForCli
 import { readAtMost } from '../upstream/body.ts';
 import { basicAuthorization, MAX_TOKEN_RESPONSE_BYTES, parseTokenResponse } from '../upstream/token-exchange.ts';
 import { randomBytes } from 'node:crypto';
-import { clientAuthorization, OFFLINE_TOKEN_PREFIX, type UpstreamAuth } from './upstream-auth.ts';
+import { clientAuthorization, OFFLINE_TOKEN_PREFIX, type UpstreamAuth, type UpstreamTarget } from './upstream-auth.ts';
 
 export interface TokenRequestResult {
   status: number;
@@ -44,16 +44,33 @@ export function isAnonymousTokenRequest(req: IncomingMessage): boolean {
   return url.searchParams.has('scope') || url.searchParams.has('service');
 }
 
-/** The central credentials this GET may carry, or why not (undefined: pass it through untouched). */
-export function credentialsToInject(policy: Policy, host: RegistryPolicy, req: IncomingMessage, user: ProxyUser | undefined): Credentials | undefined {
-  if (req.method !== 'GET' || clientAuthorization(req)) return undefined;
+/** The token protocol's parameters a client sends; anything else (offline_token, refresh_token…) is not a plain pull token. */
+const TOKEN_PARAMETERS = new Set(['service', 'scope', 'client_id']);
+
+/**
+ * The central credentials this GET may carry, or undefined (pass it through untouched). Only a token
+ * request of a served registry's own token endpoint (the realm its challenge names: path and host),
+ * for its service, asking only `repository:<name>:pull` scopes (at least one) with nothing but the
+ * token protocol's parameters, from a client without credentials of its own; with proxy users, only
+ * for repositories the user may read. Never a refresh or offline token, never another path on the host.
+ */
+export async function credentialsToInject(policy: Policy, host: RegistryPolicy, req: IncomingMessage, user: ProxyUser | undefined, auth: UpstreamAuth, targetFor: (registry: RegistryPolicy) => UpstreamTarget): Promise<Credentials | undefined> {
+  if (req.method !== 'GET' || clientAuthorization(req) || req.headers.cookie) return undefined;
   const url = new URL(req.url ?? '/', 'https://token.invalid');
+  if ([...url.searchParams.keys()].some((name) => !TOKEN_PARAMETERS.has(name))) return undefined;
   const served = [host, ...host.tokenServiceFor.map((key) => policy.registries.get(key))].filter((r): r is RegistryPolicy => r?.auth !== undefined);
   if (served.length === 0) return undefined;
   // Several registries may share one token service: the one named by `service`, else the first.
   const service = url.searchParams.get('service')?.toLowerCase();
   const registry = served.find((r) => r.host === service || r.key === service) ?? served[0]!;
-  for (const scope of url.searchParams.getAll('scope').flatMap((s) => s.split(' ')).filter(Boolean)) {
+  const endpoint = await auth.tokenEndpoint(targetFor(registry));
+  const hostPort = host.port === 443 ? host.host : `${host.host}:${host.port}`;
+  const endpointHost = endpoint ? (endpoint.realm.port ? `${endpoint.realm.hostname}:${endpoint.realm.port}` : endpoint.realm.hostname).toLowerCase() : undefined;
+  if (!endpoint || endpointHost !== hostPort.toLowerCase() || endpoint.realm.pathname !== url.pathname) return undefined;
+  if (service !== undefined && endpoint.service !== undefined && service !== endpoint.service.toLowerCase()) return undefined;
+  const scopes = url.searchParams.getAll('scope').flatMap((s) => s.split(' ')).filter(Boolean);
+  if (scopes.length === 0) return undefined;
+  for (const scope of scopes) {
     const parts = scope.split(':');
     if (parts.length < 3 || parts[0] !== 'repository') return undefined;
     const actions = parts[parts.length - 1]!.split(',');

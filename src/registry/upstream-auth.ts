@@ -60,6 +60,8 @@ export class UpstreamAuth {
   private readonly issued = new Map<string, { until: number; access: 'central' | 'anonymous' }>();
   private readonly warned = new Set<string>();
   private readonly lastWarned = new Map<string, number>();
+  /** Registry key → the realm host its own GET /v2/ named (what the central credentials may go to). */
+  private readonly upFrontRealms = new Map<string, string>();
   private readonly tokens: TokenExchange;
   private readonly upstreams: UpstreamAgents;
   private readonly log: Logger;
@@ -112,10 +114,12 @@ export class UpstreamAuth {
   }
 
   /** A request with the decided Authorization, once more with a fresh one after a 401 the proxy caused. */
-  async request(target: UpstreamTarget, decided: AuthDecision, send: (authorization: string | undefined) => Promise<Dispatcher.ResponseData>): Promise<{ response: Dispatcher.ResponseData; decision: AuthDecision }> {
+  async request<R extends Dispatcher.ResponseData & { hops?: number }>(target: UpstreamTarget, decided: AuthDecision, send: (authorization: string | undefined) => Promise<R>): Promise<{ response: R; decision: AuthDecision }> {
     let decision = decided;
     let response = await send(decision.authorization);
-    if (response.statusCode === 401 && decision.byProxy) {
+    // A 401 from a host a redirect led to (a CDN) says nothing about the registry's challenge: its
+    // realm could be anyone's, and must never be sent the central credentials.
+    if (response.statusCode === 401 && decision.byProxy && !response.hops) {
       const after = await this.afterRefusal(target, decision, response.headers['www-authenticate']);
       if (after.retry) {
         await response.body.dump();
@@ -126,6 +130,20 @@ export class UpstreamAuth {
       }
     }
     return { response, decision };
+  }
+
+  /**
+   * The token endpoint the registry's challenge names (learned up front when it has central
+   * credentials): the one place a client's token request may get them injected.
+   */
+  async tokenEndpoint(target: UpstreamTarget): Promise<{ realm: URL; service?: string } | undefined> {
+    const challenge = await this.challengeFor(target);
+    if (challenge?.scheme !== 'bearer' || !challenge.params.realm) return undefined;
+    try {
+      return { realm: new URL(challenge.params.realm), ...(challenge.params.service ? { service: challenge.params.service } : {}) };
+    } catch {
+      return undefined;
+    }
   }
 
   /**
@@ -178,7 +196,7 @@ export class UpstreamAuth {
     };
     const dispatcher = this.upstreams.for(target.upstream);
     const realmForLog = `${realm.origin}${realm.pathname}`;
-    if (registry.auth && !anonymousOnly) {
+    if (registry.auth && !anonymousOnly && this.mayReceiveCentral(registry, realm)) {
       const central = { ...request, credentials: registry.auth };
       const result = await this.tokens.token(dispatcher, central);
       if (result.ok) return { authorization: `Bearer ${result.token}`, access: 'central', byProxy: true, token: { request: central, value: result.token } };
@@ -196,6 +214,20 @@ export class UpstreamAuth {
     if (!serviceFailed(result.status)) return anonymous;
     if (this.shouldWarn(`token-failed:${registry.key}`)) this.log.warn('the token service failed; the request goes without a token', { registry: registry.key, realm: realmForLog, ...(result.status !== undefined ? { status: result.status } : {}), error: result.error });
     return { ...anonymous, tokenFailed: true };
+  }
+
+  /**
+   * The central credentials go to the token service the operator named (auth.realm), or, without one,
+   * to the registry's own host or the realm its up-front challenge named; a realm learned otherwise is
+   * refused them, with a warning naming the realm.
+   */
+  private mayReceiveCentral(registry: RegistryPolicy, realm: URL): boolean {
+    const registryHost = registry.port === 443 ? registry.host : `${registry.host}:${registry.port}`;
+    const allowed = registry.auth?.realm ? [registry.auth.realm] : [registryHost];
+    const realmHost = realm.port ? `${realm.hostname}:${realm.port}` : realm.hostname;
+    if (allowed.includes(realmHost.toLowerCase()) || (!registry.auth?.realm && this.upFrontRealms.get(registry.key) === realmHost.toLowerCase())) return true;
+    this.warnOnce(`foreign-realm:${registry.key}:${realmHost}`, `${registry.key} challenged for the token service ${realmHost}, which is not its configured one: the central credentials are not sent there (set registries.${registry.key}.auth.realm if it is right)`, { registry: registry.key, realm: realmHost });
+    return false;
   }
 
   /**
@@ -225,6 +257,8 @@ export class UpstreamAuth {
       if (challenge !== undefined) {
         this.challenges.set(target.registry.key, { challenge, learnedAt: Date.now() });
         this.adviseRealm(target.registry, challenge);
+        const realm = challenge?.params.realm ? URL.parse(challenge.params.realm) : null;
+        if (realm) this.upFrontRealms.set(target.registry.key, (realm.port ? `${realm.hostname}:${realm.port}` : realm.hostname).toLowerCase());
       }
       return challenge;
     } catch {

@@ -40,6 +40,7 @@ describe('credentials against fake upstreams', () => {
   let proxy: TestProxy;
   let target: Target;
   let work: string;
+  let caFile: string;
   /** Bearer tokens the fake's token service issued, by the grant that asked. */
   let issued: Array<{ method: string; authorization?: string; form?: URLSearchParams; scope: string[] }>;
 
@@ -48,7 +49,7 @@ describe('credentials against fake upstreams', () => {
     registry = await startFakeRegistry('creds.test', ca);
     cdn = await startFakeRegistry('cdn.test', ca);
     work = makeTempDir('credentials');
-    const caFile = writeCaFile(work, ca);
+    caFile = writeCaFile(work, ca);
     proxy = await startTestProxy(`
 registries:
   ${registry.hostPort}:
@@ -161,19 +162,69 @@ hosts:
     assert.deepEqual(registry.seen.filter((s) => s.blob === second).map((s) => s.headers.authorization), ['Bearer tok-1']);
   });
 
-  test('token requests to an intercepted realm get the central credentials for pull scopes only', async () => {
-    registry.behave = (req, res, seen) => {
-      if (seen.path !== '/token') return false;
-      res.writeHead(200, { 'Content-Type': 'application/json' });
-      res.end(JSON.stringify({ token: 'minted', seen: req.headers.authorization ?? null }));
+  test('a 401 at the end of a redirect chain (a CDN naming a realm of its own) never gets the central credentials sent anywhere', async () => {
+    registry.behave = (_req, res, seen) => {
+      if (!seen.path.startsWith('/v2/team/redirected/manifests/')) return false;
+      res.writeHead(307, { Location: `https://${cdn.hostPort}/storage/manifest` }).end();
       return true;
     };
-    const pull = await fetchThroughProxy(target, '/token?service=creds&scope=repository:team/app:pull');
-    assert.equal(JSON.parse(pull.body.toString()).seen, CENTRAL_BASIC);
-    const push = await fetchThroughProxy(target, '/token?service=creds&scope=repository:team/app:pull,push');
-    assert.equal(JSON.parse(push.body.toString()).seen, null, 'never the central credentials for a push scope');
-    const own = await fetchThroughProxy(target, '/token?service=creds&scope=repository:team/app:pull', { headers: { Authorization: 'Basic b3duOnVzZXI=' } });
-    assert.equal(JSON.parse(own.body.toString()).seen, 'Basic b3duOnVzZXI=', "the client's own credentials win");
+    cdn.behave = (_req, res, seen) => {
+      if (seen.path === '/storage/manifest') {
+        res.writeHead(401, { 'WWW-Authenticate': `Bearer realm="https://${cdn.hostPort}/steal",service="cdn"` }).end();
+        return true;
+      }
+      res.writeHead(200, { 'Content-Type': 'application/json' }).end('{"token":"stolen"}');
+      return true;
+    };
+    const answer = await fetchThroughProxy(target, '/v2/team/redirected/manifests/v1', { headers: { Accept: 'application/vnd.oci.image.manifest.v1+json' } });
+    assert.equal(answer.status, 401);
+    assert.deepEqual(cdn.seen.map((s) => [s.path, s.headers.authorization]), [['/storage/manifest', undefined]], 'no token request to the realm the CDN named');
   });
+
+  test("token requests get the central credentials only at the registry's token endpoint, for pull scopes only", async () => {
+    // A proxy of its own, so that it learns this challenge up front (GET /v2/) like any new start.
+    const fresh = await startTestProxy(`
+registries:
+  ${registry.hostPort}:
+    tls: { ca: ${caFile} }
+    auth: { username: central, password: c3ntral-pw }
+hosts:
+  creds.test: 127.0.0.1
+`);
+    try {
+      const at = { ...target, proxyPort: fresh.port, caPem: fresh.caPem };
+      registry.behave = (req, res, seen) => {
+        if (seen.path === '/v2/' && !req.headers.authorization) {
+          res.writeHead(401, { 'WWW-Authenticate': `Bearer realm="https://${registry.hostPort}/token",service="creds"` }).end();
+          return true;
+        }
+        // Every other path answers with what Authorization it saw: what the proxy put in, if anything.
+        res.writeHead(200, { 'Content-Type': 'application/json' });
+        res.end(JSON.stringify({ token: 'minted', seen: req.headers.authorization ?? null }));
+        return true;
+      };
+      const seen = async (path: string, headers: Record<string, string> = {}) => JSON.parse((await fetchThroughProxy(at, path, { headers })).body.toString()).seen as string | null;
+      assert.equal(await seen('/token?service=creds&scope=repository:team/app:pull'), CENTRAL_BASIC);
+      assert.equal(await seen('/token?service=creds&scope=repository:team/app:pull,push'), null, 'never for a push scope');
+      assert.equal(await seen('/token?service=creds&scope=repository:team/app:pull', { Authorization: 'Basic b3duOnVzZXI=' }), 'Basic b3duOnVzZXI=', "the client's own credentials win");
+      // Not a pull token request of the registry's own token endpoint: nothing injected.
+      for (const path of [
+        '/token?service=creds',
+        '/token?service=creds&scope=repository:team/app:pull&offline_token=true',
+        '/token?service=creds&scope=repository:team/app:pull&grant_type=refresh_token',
+        '/token?service=other&scope=repository:team/app:pull',
+        '/token?service=creds&scope=registry:catalog:*',
+        '/api/v4/projects/42/packages/generic/x/1/file?scope=repository:team/app:pull',
+        '/group/private.git/info/refs?service=git-upload-pack',
+        '/jwt/auth?service=creds&scope=repository:team/app:pull',
+      ]) {
+        assert.equal(await seen(path), null, path);
+      }
+      assert.equal(await seen('/v2/_catalog'), null, 'the catalog never gets the central credentials');
+    } finally {
+      await fresh.close();
+    }
+  });
+
 });
 
