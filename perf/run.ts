@@ -1,15 +1,18 @@
 // Runs the benchmarks in perf/, one after the other, each in its own process (so that one benchmark's
 // heap, JIT state and leftovers cannot colour the next one's figures): blob-cold, blob-hit, blob-rss
-// (the blob cache: cold fills, hits, memory) and passthrough (a blob forwarded without caching).
+// (the blob cache: cold fills, hits, memory), manifest-hit (a cached tag at fixed request rates, beside
+// nginx), manifest-rollout (N clients pulling a new tag at once: what reaches the registry) and
+// passthrough (a blob forwarded without caching).
 //
 //   node perf/run.ts                         every benchmark, default settings
 //   node perf/run.ts passthrough             only those named
 //   node perf/run.ts passthrough --size 256MiB --repeat 1
 //
 // Leading arguments that do not start with "-" name benchmarks; everything from the first option on is
-// passed to every benchmark run (--size and --repeat are understood by all of them; --clients means a
-// list in blob-hit and passthrough, one count in blob-cold and blob-rss). A benchmark is any
-// perf/<name>.ts other than this file: a new file is registered by being there.
+// passed to every benchmark run (--size and --repeat are understood by all of them — manifest-hit and
+// manifest-rollout accept --size and ignore it —; --clients means a list in blob-hit and passthrough,
+// one count in blob-cold, blob-rss and manifest-rollout, and is ignored by manifest-hit). A benchmark
+// is any perf/<name>.ts other than this file: a new file is registered by being there.
 import { spawn } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';

@@ -108,8 +108,11 @@ export async function runClients(count: number, route: CurlRoute, options: Clien
   }
 }
 
-/** The FIFO that `together` clients wait on; see ClientsOptions.together. */
-class StartBarrier {
+/**
+ * The FIFO that `together` clients wait on; see ClientsOptions.together. Exported for clients other
+ * than curl (perf/lib/skopeo.ts): wrap() their command, push their pids, waitUntilBlocked(), release().
+ */
+export class StartBarrier {
   readonly fifo: string;
   readonly pids: number[] = [];
   private readonly dir: string;

@@ -23,6 +23,11 @@ export interface NginxOptions {
   keyPem: string;
   /** Log every request to <dir>/access.log (see AccessLog): to count what reaches the origin. */
   accessLog?: boolean;
+  /**
+   * Extra directives inside the server block, e.g. a `location` that serves manifests with their media
+   * type and headers (perf/manifest-hit.ts). Paths in it must be quoted by the caller.
+   */
+  serverConfig?: string;
 }
 
 /** One request as nginx logged it (written when the response is finished). */
@@ -172,7 +177,7 @@ http {
     ssl_certificate ${q(join(dir, 'server.crt'))};
     ssl_certificate_key ${q(join(dir, 'server.key'))};
     root ${q(options.root)};
-  }
+${options.serverConfig ? options.serverConfig.replace(/^/gm, '    ') + '\n' : ''}  }
 }
 `;
 }
