@@ -1,4 +1,5 @@
 // The effective policy as YAML for `check-config`: every default filled in, every secret masked.
+import type { MirrorPolicy } from './mirror.ts';
 import { stringify } from 'yaml';
 import type { ManifestPolicy, Policy, Timeouts } from './policy.ts';
 import { formatDuration, formatSize } from './units.ts';
@@ -50,6 +51,9 @@ export function describePolicy(policy: Policy): string {
       deny: policy.tunnel.deny,
       timeouts: { connect: formatDuration(policy.tunnel.connectTimeoutMs), idle: formatDuration(policy.tunnel.idleTimeoutMs) },
     },
+    // No token: state-changing admin actions are accepted from loopback clients only.
+    admin: { ...(policy.admin.token ? { token: MASK } : {}), ...(policy.admin.tokenFile ? { tokenFile: policy.admin.tokenFile } : {}) },
+    ...(policy.mirror ? { mirror: mirrorDescription(policy.mirror) } : {}),
     users: Object.fromEntries([...policy.users.values()].map((u) => [u.name, { password: MASK, read: u.read }])),
     hosts: Object.fromEntries(policy.hosts),
     ipv6: policy.ipv6,
@@ -57,4 +61,13 @@ export function describePolicy(policy: Policy): string {
     workers: policy.workers,
   };
   return stringify(effective, { lineWidth: 0 });
+}
+
+/** The mirror front as it will run: plain HTTP or the TLS it has, and where unnamed requests go. */
+function mirrorDescription(mirror: MirrorPolicy): Record<string, unknown> {
+  return {
+    listen: `${mirror.listen.host.includes(':') ? `[${mirror.listen.host}]` : mirror.listen.host}:${mirror.listen.port}`,
+    ...(mirror.tls ? { tls: { ...(mirror.tls.names.length ? { names: mirror.tls.names } : {}), ...(mirror.tls.certFile ? { cert: mirror.tls.certFile, key: mirror.tls.keyFile } : {}) } } : {}),
+    default: mirror.defaultRegistry ?? null,
+  };
 }

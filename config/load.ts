@@ -1,10 +1,12 @@
 // Loads the policy: proxy.yaml (or the built-in default) → ${VAR} expansion → validation with
 // file:line:key messages → the seed's environment variables → PULLTHROUGH_* overrides.
+import { parseMirror } from './mirror.ts';
 import { existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { LineCounter, parseDocument } from 'yaml';
 import {
+  parseTunnelPattern,
   registryKey,
   type Credentials,
   type Listen,
@@ -51,6 +53,7 @@ export function loadPolicy(options: LoadOptions = {}): Policy {
   }
   applySeedEnvironment(policy, env);
   linkTokenServices(policy);
+  if (env.PULLTHROUGH_ADMIN_TOKEN) policy.admin.token = adminToken(env.PULLTHROUGH_ADMIN_TOKEN, (m) => { throw new ConfigError(`PULLTHROUGH_ADMIN_TOKEN: ${m}`); });
   if (env.PULLTHROUGH_LISTEN) policy.listen = parseListen(env.PULLTHROUGH_LISTEN, (m) => { throw new ConfigError(`PULLTHROUGH_LISTEN: ${m}`); });
   const caFollowsData = policy.caDir === policy.dataDir; // no caDir of its own: the CA moves with the data
   if (env.PULLTHROUGH_DATA_DIR) policy.dataDir = path.resolve(cwd, env.PULLTHROUGH_DATA_DIR);
@@ -70,7 +73,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   }
   const src: Source = { file, lines, env };
   const root = new Cursor(doc.contents as Cursor['node'], '', src);
-  const top = root.entries(['listen', 'dataDir', 'caDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'users', 'hosts', 'ipv6', 'workers']);
+  const top = root.entries(['listen', 'dataDir', 'caDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'admin', 'users', 'hosts', 'ipv6', 'workers', 'mirror']);
   const at = (key: string) => top.get(key) ?? new Cursor(null, key, src);
   const resolvePath = (p: string) => path.resolve(baseDir, p);
 
@@ -102,6 +105,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
     defaults,
     registries: new Map(),
     tunnel: { allow: ['*:443'], deny: [], connectTimeoutMs: defaults.timeouts.connectMs, idleTimeoutMs: defaults.timeouts.clientIdleMs },
+    admin: parseAdmin(at('admin'), resolvePath),
     users: new Map(),
     hosts: new Map(),
     ipv6: at('ipv6').present ? at('ipv6').boolean() : true,
@@ -116,12 +120,14 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   }
 
   const tunnel = at('tunnel').entries(['allow', 'deny', 'timeouts']);
-  if (tunnel.get('allow')?.present) policy.tunnel.allow = tunnel.get('allow')!.stringList();
-  if (tunnel.get('deny')?.present) policy.tunnel.deny = tunnel.get('deny')!.stringList();
-  for (const pattern of [...policy.tunnel.allow, ...policy.tunnel.deny]) {
-    if (!/^[^\s:]+:(\*|\d{1,5})$/.test(pattern) && !/^\[[^\]]+\]:(\*|\d{1,5})$/.test(pattern)) {
-      (tunnel.get('allow') ?? tunnel.get('deny'))!.fail(`"${pattern}" is not a host:port pattern (examples: "*:443", "*.example.com:*")`);
+  for (const key of ['allow', 'deny'] as const) {
+    const list = tunnel.get(key);
+    if (!list?.present) continue;
+    for (const item of list.items()) {
+      const parsed = parseTunnelPattern(item.string());
+      if ('error' in parsed) item.fail(parsed.error);
     }
+    policy.tunnel[key] = list.stringList();
   }
   const tunnelTimeouts = (tunnel.get('timeouts') ?? new Cursor(null, 'tunnel.timeouts', src)).entries(['connect', 'idle']);
   policy.tunnel.connectTimeoutMs = tunnelTimeouts.get('connect')?.durationMs() ?? policy.tunnel.connectTimeoutMs;
@@ -133,7 +139,42 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   for (const [name, entry] of at('hosts').entries()) {
     policy.hosts.set(name.toLowerCase(), entry.string());
   }
+  if (at('mirror').present) policy.mirror = parseMirror(at('mirror'), policy, resolvePath, parseListen);
   return policy;
+}
+
+/**
+ * admin.token and admin.tokenFile; both may be set while a token is rotated (either is accepted). An
+ * empty token (`${PULLTHROUGH_ADMIN_TOKEN:-}` unset) means none. The file is read where it is used
+ * (readAdminTokenFile), at start and at each use, so that a rotated Secret applies without a restart.
+ */
+function parseAdmin(cursor: Cursor, resolvePath: (p: string) => string): Policy['admin'] {
+  const a = cursor.entries(['token', 'tokenFile']);
+  const admin: Policy['admin'] = {};
+  const token = a.get('token');
+  if (token?.present && token.string() !== '') admin.token = adminToken(token.string(), (m) => token.fail(m));
+  const tokenFile = a.get('tokenFile');
+  if (tokenFile?.present) admin.tokenFile = resolvePath(tokenFile.string());
+  return admin;
+}
+
+/** The token in admin.tokenFile (one trailing newline removed); a ConfigError names what is wrong. */
+export function readAdminTokenFile(file: string): string {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8').replace(/\r?\n$/, '');
+  } catch (err) {
+    throw new ConfigError(`admin.tokenFile: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  return adminToken(text, (m) => {
+    throw new ConfigError(`admin.tokenFile: ${file}: ${m}`);
+  });
+}
+
+/** A token goes into an Authorization header and must not be guessable: 16+ visible ASCII characters. */
+function adminToken(text: string, fail: (message: string) => never): string {
+  if (!/^[\x21-\x7e]{16,}$/.test(text)) fail('an admin token is at least 16 visible ASCII characters, no spaces (make one with `openssl rand -hex 32`)');
+  return text;
 }
 
 /**

@@ -1,6 +1,8 @@
 // The effective policy: what proxy.yaml (plus the environment) means once validated. Every other
 // module reads these types and never the raw YAML, so each key maps to exactly one place in the code.
 
+import type { MirrorPolicy } from './mirror.ts';
+
 export interface Timeouts {
   /** TCP + TLS connect to an upstream. */
   connectMs: number;
@@ -92,7 +94,18 @@ export interface Policy {
   defaults: { push: PushMode; timeouts: Timeouts; tlsVerify: boolean };
   /** Keyed by "host:port". */
   registries: Map<string, RegistryPolicy>;
+  /** Patterns as written (check-config prints them); src/connect.ts compiles them with parseTunnelPattern. */
   tunnel: { allow: string[]; deny: string[]; connectTimeoutMs: number; idleTimeoutMs: number };
+  /**
+   * State-changing admin actions (POST /admin/purge): with a token, only requests that carry it as
+   * `Authorization: Bearer`, from any address; without one, only loopback clients (the default).
+   */
+  admin: {
+    /** admin.token, or PULLTHROUGH_ADMIN_TOKEN which overrides it. */
+    token?: string;
+    /** A file holding a token (read at start and at each use: config/load.ts readAdminTokenFile). */
+    tokenFile?: string;
+  };
   users: Map<string, ProxyUser>;
   /** Resolver overrides (name → address), consulted before the system resolver, like curl --resolve. */
   hosts: Map<string, string>;
@@ -102,9 +115,89 @@ export interface Policy {
   requestBuffering: boolean;
   /** Worker threads that run blob fills. */
   workers: number;
+  /** The registry-mirror front, when configured. */
+  mirror?: MirrorPolicy;
 }
 
 export function registryKey(host: string, port: number): string {
   const bare = host.toLowerCase().replace(/^\[(.*)\]$/, '$1');
   return bare.includes(':') ? `[${bare}]:${port}` : `${bare}:${port}`;
+}
+
+/**
+ * One tunnel.allow / tunnel.deny entry, "host:port":
+ * - host: a name glob (`*` matches any characters; `*` alone matches every host), an IP address
+ *   (`10.0.0.5`, `[fd00::5]`; any IPv4 spelling is read as the address it means), or a CIDR block
+ *   (`10.0.0.0/8`, `[fd00::/8]`);
+ * - port: a number or `*`.
+ * A name without `*` and every address or block names its destination explicitly: only such an entry
+ * opens an internal address (loopback, private, link-local…) to tunnels.
+ */
+export type TunnelPattern = {
+  text: string;
+  port: number | '*';
+  host: { kind: 'name'; glob: string; exact: boolean } | { kind: 'address'; address: string; prefix: number; family: 4 | 6 };
+};
+
+const NAME_GLOB = /^[a-z0-9_*]([a-z0-9_*-]*)(\.[a-z0-9_*]([a-z0-9_*-]*))*\.?$/;
+
+export function parseTunnelPattern(text: string): TunnelPattern | { error: string } {
+  const fail = { error: `"${text}" is not a host:port pattern (examples: "*:443", "*.example.com:*", "10.0.0.0/8:443", "[fd00::/8]:*")` };
+  // An IPv6 block is written [fd00::/8] or [fd00::]/8.
+  const match = /^(?:\[([0-9a-fA-F:.]+)(?:\/(\d{1,3}))?\](?:\/(\d{1,3}))?|([^\s:\[\]/]+)(?:\/(\d{1,2}))?):(\*|\d{1,5})$/.exec(text);
+  if (!match || (match[2] !== undefined && match[3] !== undefined)) return fail;
+  const port = match[6] === '*' ? '*' : Number(match[6]);
+  if (port !== '*' && (port < 1 || port > 65535)) return { error: `"${text}": port ${port} is out of range (1-65535)` };
+  const v6 = match[1];
+  const prefixText = match[2] ?? match[3] ?? match[5];
+  if (v6 !== undefined) {
+    const address = canonicalAddress(v6);
+    if (!address) return fail;
+    const prefix = prefixText === undefined ? 128 : Number(prefixText);
+    if (prefix > 128) return { error: `"${text}": an IPv6 prefix is at most /128` };
+    if (address.includes(':')) return { text, port, host: { kind: 'address', address, prefix, family: 6 } };
+    // IPv4-mapped ([::ffff:10.0.0.0/104]): the IPv4 block it means.
+    if (prefix < 96) return { error: `"${text}": an IPv4-mapped block needs a prefix of at least /96` };
+    return { text, port, host: { kind: 'address', address, prefix: prefix - 96, family: 4 } };
+  }
+  const host = match[4]!.toLowerCase();
+  if (prefixText !== undefined || !host.includes('*')) {
+    const address = canonicalAddress(host);
+    if (address && !address.includes(':')) {
+      const prefix = prefixText === undefined ? 32 : Number(prefixText);
+      if (prefix > 32) return { error: `"${text}": an IPv4 prefix is at most /32` };
+      return { text, port, host: { kind: 'address', address, prefix, family: 4 } };
+    }
+    if (address === null) return { error: `"${text}": "${host}" is not a valid IP address` };
+    if (prefixText !== undefined) return { error: `"${text}": a /prefix needs an IP address before it` };
+  }
+  if (!NAME_GLOB.test(host)) return fail;
+  return { text, port, host: { kind: 'name', glob: host.replace(/\.$/, ''), exact: !host.includes('*') } };
+}
+
+/**
+ * The one spelling of an IP address: every IPv4 form getaddrinfo accepts (decimal `2130706433`, octal
+ * `0177.0.0.1`, hex `0x7f.1`, short `127.1`) as dotted quad, IPv6 compressed and lower-case, and an
+ * IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) as the IPv4 address it carries. Undefined for a name
+ * (or anything else that is not an address); null for text that looks numeric but is no valid address
+ * (`999.1.1.1`), which no decision should take as a name.
+ */
+export function canonicalAddress(text: string): string | undefined | null {
+  const bare = text.replace(/^\[(.*)\]$/, '$1');
+  let hostname: string;
+  try {
+    // The WHATWG host parser reads IPv4 exactly as inet_aton does, and serialises IPv6 canonically.
+    hostname = new URL(`http://${bare.includes(':') ? `[${bare}]` : bare}/`).hostname;
+  } catch {
+    return bare.includes(':') || /(^|\.)(\d+|0x[0-9a-f]*)\.?$/i.test(bare) ? null : undefined;
+  }
+  if (hostname.startsWith('[')) {
+    const v6 = hostname.slice(1, -1);
+    const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(v6);
+    if (!mapped) return v6;
+    const high = parseInt(mapped[1]!, 16);
+    const low = parseInt(mapped[2]!, 16);
+    return `${high >> 8}.${high & 255}.${low >> 8}.${low & 255}`;
+  }
+  return /^\d+\.\d+\.\d+\.\d+$/.test(hostname) ? hostname : undefined;
 }

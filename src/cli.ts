@@ -5,7 +5,7 @@ import { describePolicy } from '../config/describe.ts';
 import { ConfigError, loadPolicy } from '../config/load.ts';
 import type { Policy } from '../config/policy.ts';
 import { describeCa, rotateCa } from './commands/ca.ts';
-import { request } from 'undici';
+import { adminTokenFor, formatPurge, purgeThroughProxy } from './commands/purge.ts';
 import { fetchStats, formatStats } from './commands/stats.ts';
 import { warm } from './commands/warm.ts';
 import { createLogger } from './log.ts';
@@ -93,24 +93,27 @@ program
 
 program
   .command('purge')
-  .description('drop cached blobs and manifests (waits for clients reading them; run it on the proxy host)')
+  .description('drop cached blobs and manifests (waits for clients reading them); sends the admin token when one is configured, else works on the proxy host only')
   .option('--registry <host[:port]>', 'everything from this registry')
   .option('--repository <name>', 'everything of this repository (with --registry)')
   .option('--digest <digest>', 'this blob')
   .option('--proxy <url>', 'the running proxy (default: $PULLTHROUGH_PROXY, else the listen address of the policy)')
   .action(async (options: { registry?: string; repository?: string; digest?: string; proxy?: string }) => {
     const { proxy, ...what } = options;
-    const response = await request(`${proxyUrlFor(proxy)}/admin/purge`, { method: 'POST', body: JSON.stringify(what), headers: { 'content-type': 'application/json' } }).catch((err: Error) => {
-      process.stderr.write(`pullthrough purge: ${err.message}\n`);
-      process.exit(1);
-    });
-    const text = await response.body.text();
-    if (response.statusCode !== 200) {
-      process.stderr.write(`pullthrough purge: ${text}`);
+    const proxyUrl = proxyUrlFor(proxy);
+    let token: string | undefined;
+    try {
+      token = adminTokenFor(process.env, loadPolicyOrExit);
+    } catch (err) {
+      process.stderr.write(`pullthrough purge: ${(err as Error).message}\n`);
+      process.exit(2);
+    }
+    try {
+      process.stdout.write(formatPurge(await purgeThroughProxy(proxyUrl, what, token)));
+    } catch (err) {
+      process.stderr.write(`pullthrough purge: ${(err as Error).message}\n`);
       process.exit(1);
     }
-    const result = JSON.parse(text) as { blobs: number; bytes: number; manifests: number; tags: number; busy: string[] };
-    process.stdout.write(`purged ${result.blobs} blobs (${result.bytes} bytes), ${result.manifests} manifests, ${result.tags} tags${result.busy.length ? `; left in use: ${result.busy.join(' ')}` : ''}\n`);
   });
 
 const ca = program.command('ca').description('print the CA in use: subject, fingerprint, validity and PEM');

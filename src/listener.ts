@@ -9,7 +9,7 @@ import type { LookupFunction } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { registryKey, type Policy } from '../config/policy.ts';
 import type { AdminHandler } from './admin/index.ts';
-import { decide, parseTarget } from './connect.ts';
+import { decide, parseTarget, resolveTunnel, type Listener, type Target } from './connect.ts';
 import { pathForLog, type Logger } from './log.ts';
 import { authenticateProxyUser } from './proxy-users.ts';
 import type { RegistryHandler } from './registry/handler.ts';
@@ -24,6 +24,11 @@ export interface FrontDeps {
   sessions: InterceptedSessions;
   registryHandler: RegistryHandler;
   admin: AdminHandler;
+  /**
+   * The proxy's other listeners (a mirror front, say), which a tunnel must not reach either; this
+   * front's own address is always included.
+   */
+  otherListeners?: () => Listener[];
 }
 
 /** Request heads larger than this are refused with 431 (a CONNECT is a few hundred bytes). */
@@ -90,22 +95,43 @@ export function createFront(frontDeps: FrontDeps): Front {
         }
         return;
       case 'tunnel':
-        // Never back into the proxy itself: through a tunnel the admin surface would see a loopback client.
-        if (target.port === (server.address() as { port?: number } | null)?.port && isLocalName(target.host)) {
-          refuse(socket, 403, 'Forbidden', 'a tunnel to the proxy itself is not allowed');
-          logConnect(403, { error: 'tunnel to the proxy itself' });
-          return;
-        }
-        void tunnel(socket, head, target, { lookup: deps.lookup, connectTimeoutMs: policy.tunnel.connectTimeoutMs, idleTimeoutMs: policy.tunnel.idleTimeoutMs }).then(
-          (result) => logConnect(result.status, { cache: 'TUNNEL', bytes: result.received, ...(user ? { user: user.name } : {}), ...(result.error ? { error: result.error } : {}) }),
-          (err: Error) => {
-            socket.destroy();
-            log.error('a tunnel failed', { host: req.url ?? '', error: err.message });
-          },
-        );
+        void openTunnel(socket, head, target, logConnect, user?.name).catch((err: Error) => {
+          socket.destroy();
+          log.error('a tunnel failed', { host: req.url ?? '', error: err.message });
+        });
         return;
     }
   });
+
+  /**
+   * Resolves the target once, keeps the addresses the tunnel policy allows (never this proxy itself:
+   * through a tunnel the admin surface would see a loopback client) and connects to exactly those.
+   */
+  async function openTunnel(socket: Duplex, head: Buffer, target: Target, logConnect: (status: number, fields?: Record<string, unknown>) => void, user: string | undefined): Promise<void> {
+    const own = server.address();
+    const listeners = [...(own && typeof own === 'object' ? [own] : []), ...(deps.otherListeners?.() ?? [])];
+    // tunnel.timeouts.connect covers the lookup and the connect together.
+    const deadline = performance.now() + policy.tunnel.connectTimeoutMs;
+    const plan = await resolveTunnel(policy, target, deps.lookup, listeners, policy.tunnel.connectTimeoutMs);
+    const who = user ? { user } : {};
+    if (socket.destroyed) {
+      logConnect(499, { error: 'the client left before the tunnel opened', ...who });
+      return;
+    }
+    if (plan.kind === 'deny') {
+      refuse(socket, 403, 'Forbidden', plan.reason);
+      logConnect(403, { error: plan.reason, ...who });
+      return;
+    }
+    if (plan.kind === 'unreachable') {
+      refuse(socket, plan.status, plan.status === 504 ? 'Gateway Timeout' : 'Bad Gateway', plan.reason);
+      logConnect(plan.status, { error: plan.reason, ...who });
+      return;
+    }
+    const connectTimeoutMs = Math.max(1, Math.round(deadline - performance.now()));
+    const result = await tunnel(socket, head, target, plan.addresses, { connectTimeoutMs, idleTimeoutMs: policy.tunnel.idleTimeoutMs });
+    logConnect(result.status, { cache: 'TUNNEL', bytes: result.received, ...who, ...(result.error ? { error: result.error } : {}) });
+  }
 
   server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
     const url = req.url ?? '/';
@@ -204,9 +230,4 @@ const PROXY_AUTHENTICATE = `Proxy-Authenticate: ${PROXY_AUTHENTICATE_VALUE}\r\n`
 function refuse(socket: Duplex, status: number, reason: string, message: string, extraHeaders = ''): void {
   const body = `pullthrough: ${message}\n`;
   socket.end(`HTTP/1.1 ${status} ${reason}\r\n${extraHeaders}Content-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
-}
-
-/** Names that reach this host: loopback addresses, localhost, and the unspecified addresses. */
-function isLocalName(host: string): boolean {
-  return host === 'localhost' || host.endsWith('.localhost') || /^127\./.test(host) || host === '::1' || host === '0.0.0.0' || host === '::' || /^::ffff:127\./.test(host);
 }

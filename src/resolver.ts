@@ -3,10 +3,13 @@
 // every nameserver, through getaddrinfo), IPv4 only when the policy turns IPv6 off.
 import dns from 'node:dns';
 import { isIP, type LookupFunction } from 'node:net';
+import { canonicalAddress } from '../config/policy.ts';
 
 export function createLookup(hosts: ReadonlyMap<string, string>, ipv6: boolean): LookupFunction {
   return (hostname, options, callback) => {
-    const override = hosts.get(hostname.toLowerCase());
+    const written = hosts.get(hostname.toLowerCase());
+    // An override in any IPv4 spelling ("2130706433") is the address it means.
+    const override = written === undefined ? undefined : (canonicalAddress(written) ?? written);
     if (override) {
       const family = isIP(override);
       if (options.all) (callback as (e: null, a: dns.LookupAddress[]) => void)(null, [{ address: override, family }]);
@@ -19,4 +22,18 @@ export function createLookup(hosts: ReadonlyMap<string, string>, ipv6: boolean):
       family?: number,
     ) => void);
   };
+}
+
+/**
+ * Every address `hostname` resolves to through `lookup`, in its order, each in its one spelling
+ * (IPv4-mapped IPv6 as IPv4): what a tunnel decides on, and then connects to without looking up again.
+ */
+export function resolveAll(lookup: LookupFunction, hostname: string): Promise<string[]> {
+  return new Promise((resolve, reject) => {
+    lookup(hostname, { all: true }, (err: NodeJS.ErrnoException | null, answer: string | dns.LookupAddress[]) => {
+      if (err) return reject(err);
+      const addresses = (Array.isArray(answer) ? answer.map((a) => a.address) : [answer]).map((a) => canonicalAddress(a)).filter((a): a is string => typeof a === 'string');
+      resolve([...new Set(addresses)]);
+    });
+  });
 }

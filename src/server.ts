@@ -17,6 +17,7 @@ import { createManifestHandler } from './registry/manifests.ts';
 import { RateLimits } from './upstream/rate-limits.ts';
 import { createBlobHandler } from './registry/blobs.ts';
 import { createFront } from './listener.ts';
+import { createMirror, type MirrorFront } from './mirror.ts';
 import type { Logger } from './log.ts';
 import { createWorkerPool, type WorkerPool } from './pool.ts';
 import { createRegistryHandler } from './registry/handler.ts';
@@ -32,6 +33,8 @@ const CA_EXPIRY_WARNING_MS = 30 * 86_400_000;
 export interface RunningProxy {
   port: number;
   host: string;
+  /** The registry-mirror front's port, when mirror: is configured. */
+  mirrorPort?: number;
   ca: CertificateAuthority;
   pool: WorkerPool;
   /** Upstream pull budgets (ratelimit-* headers) by registry, for the metrics and the dashboard. */
@@ -103,8 +106,15 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     metrics,
     dashboard: () => dashboardData({ version: VERSION, startedAt, maxSize: policy.cache.maxSize, stats, store, fills, manifests: manifestStore, rateLimits, workersHealthy }),
     purge: (request) => purge(request, { store, fills, manifests: manifestStore, log }),
+    admin: policy.admin,
   });
-  const front = createFront({ policy, log, lookup, sessions, registryHandler, admin });
+  // Declared before the front: its CONNECT guard asks for the mirror's address (no tunnel into it either).
+  let mirror: MirrorFront | undefined;
+  const mirrorListener = () => {
+    const at = mirror?.server.address();
+    return at && typeof at === 'object' ? [{ address: at.address, port: at.port }] : [];
+  };
+  const front = createFront({ policy, log, lookup, sessions, registryHandler, admin, otherListeners: mirrorListener });
 
   await new Promise<void>((resolve, reject) => {
     front.server.once('error', reject);
@@ -115,17 +125,34 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   });
   const address = front.server.address() as AddressInfo;
   log.info('pullthrough is listening', { listen: `${address.address}:${address.port}`, registries: [...policy.registries.keys()], version: VERSION });
+  if (policy.mirror) {
+    const mirrorPolicy = policy.mirror;
+    mirror = createMirror({ policy, mirror: mirrorPolicy, ca, registryHandler, auth, upstreams, log });
+    await new Promise<void>((resolve, reject) => {
+      mirror!.server.once('error', reject);
+      mirror!.server.listen(mirrorPolicy.listen.port, mirrorPolicy.listen.host, () => {
+        mirror!.server.off('error', reject);
+        resolve();
+      });
+    }).catch(async (err: unknown) => {
+      await front.close();
+      throw err;
+    });
+    const at = mirror.server.address() as AddressInfo;
+    log.info('the registry mirror is listening', { listen: `${at.address}:${at.port}`, tls: mirrorPolicy.tls ? (mirrorPolicy.tls.certFile ? 'own certificate' : mirrorPolicy.tls.names) : false, default: mirrorPolicy.defaultRegistry ?? null });
+  }
 
   return {
     port: address.port,
     host: address.address,
+    ...(mirror ? { mirrorPort: (mirror.server.address() as AddressInfo).port } : {}),
     ca,
     pool,
     rateLimits,
     metrics,
     stats,
     async close() {
-      await front.close();
+      await Promise.all([front.close(), mirror?.close()]);
       await Promise.all([upstreams.close(), pool.close()]);
       await index.close();
     },

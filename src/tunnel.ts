@@ -1,11 +1,10 @@
 // A blind byte tunnel for CONNECTs to hosts the proxy does not intercept: the client's TLS session
 // reaches the real server with the real certificate; the proxy sees only bytes.
-import net, { type LookupFunction } from 'node:net';
+import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Target } from './connect.ts';
 
 export interface TunnelOptions {
-  lookup: LookupFunction;
   connectTimeoutMs: number;
   idleTimeoutMs: number;
 }
@@ -19,58 +18,88 @@ export interface TunnelResult {
   error?: string;
 }
 
-export function tunnel(client: Duplex, head: Buffer, target: Target, options: TunnelOptions): Promise<TunnelResult> {
+/**
+ * Connects to `addresses` (what the tunnel policy checked, in order: the next one when one cannot be
+ * reached) on the target's port, then pipes bytes both ways. Only addresses, never a name: nothing
+ * is looked up between the policy's check and the connect, so a DNS answer that changes cannot
+ * redirect the tunnel.
+ */
+export function tunnel(client: Duplex, head: Buffer, target: Target, addresses: readonly string[], options: TunnelOptions): Promise<TunnelResult> {
+  const name = `${target.host.includes(':') ? `[${target.host}]` : target.host}:${target.port}`;
   return new Promise((resolve) => {
-    const server = net.connect({ host: target.host, port: target.port, lookup: options.lookup });
+    let attempt: net.Socket | undefined;
+    let server: net.Socket | undefined;
     let status = 0;
     let error: string | undefined;
+    let clientClosed = false;
+    let serverClosed = false;
+
+    const finished = () => {
+      if (!clientClosed || (server && !serverClosed)) return;
+      clearTimeout(connectTimer);
+      resolve({ status: status || 499, sent: server?.bytesWritten ?? 0, received: server?.bytesRead ?? 0, ...(error ? { error } : {}) });
+    };
     const refuse = (code: number, message: string) => {
       status = code;
       error = message;
+      attempt?.destroy();
       const reason = code === 504 ? 'Gateway Timeout' : 'Bad Gateway';
       client.end(`HTTP/1.1 ${code} ${reason}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\npullthrough: ${message}\n`);
-      server.destroy();
     };
-    const connectTimer = setTimeout(
-      () => refuse(504, `connect to ${target.host}:${target.port} timed out`),
-      options.connectTimeoutMs,
-    );
+    const connectTimer = setTimeout(() => refuse(504, `connect to ${name} timed out`), options.connectTimeoutMs);
 
-    server.once('connect', () => {
+    const established = (socket: net.Socket) => {
       clearTimeout(connectTimer);
+      server = socket;
       status = 200;
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n');
-      if (head.length > 0) server.write(head);
-      server.setTimeout(options.idleTimeoutMs, () => {
+      if (head.length > 0) socket.write(head);
+      socket.setTimeout(options.idleTimeoutMs, () => {
         error = 'idle timeout';
-        server.destroy();
+        socket.destroy();
         client.destroy();
       });
       // pipe() ends each side when the other ends, so half-closes pass through as they would direct.
-      client.pipe(server);
-      server.pipe(client);
-    });
-    server.on('error', (err: NodeJS.ErrnoException) => {
-      clearTimeout(connectTimer);
-      if (status === 0) refuse(502, `cannot reach ${target.host}:${target.port}: ${err.code ?? err.message}`);
-      else client.destroy();
-    });
-    client.on('error', () => server.destroy());
-
-    let open = 2;
-    const closed = () => {
-      if (--open > 0) return;
-      clearTimeout(connectTimer);
-      resolve({ status: status || 499, sent: server.bytesWritten, received: server.bytesRead, ...(error ? { error } : {}) });
+      client.pipe(socket);
+      socket.pipe(client);
+      socket.on('error', () => client.destroy());
+      socket.once('close', () => {
+        serverClosed = true;
+        // Nothing can pass any more: flush what the server sent, then close the client's side too.
+        client.end(() => client.destroy());
+        finished();
+      });
     };
-    server.once('close', () => {
-      // Nothing can pass any more: flush what the server sent, then close the client's side too.
-      client.end(() => client.destroy());
-      closed();
-    });
+
+    const tryAddress = (index: number, lastError: string) => {
+      if (status !== 0 || clientClosed) return;
+      const address = addresses[index];
+      if (address === undefined) {
+        clearTimeout(connectTimer);
+        refuse(502, `cannot reach ${name}: ${lastError}`);
+        return;
+      }
+      const socket = net.connect({ host: address, port: target.port });
+      attempt = socket;
+      socket.once('connect', () => {
+        socket.removeAllListeners('error');
+        if (status !== 0 || clientClosed) socket.destroy();
+        else established(socket);
+      });
+      socket.once('error', (err: NodeJS.ErrnoException) => {
+        socket.destroy();
+        const why = err.code ?? err.message;
+        tryAddress(index + 1, addresses.length > 1 ? `${address}: ${why}` : why);
+      });
+    };
+
+    client.on('error', () => server?.destroy());
     client.once('close', () => {
-      server.destroy();
-      closed();
+      clientClosed = true;
+      attempt?.destroy();
+      server?.destroy();
+      finished();
     });
+    tryAddress(0, 'no address');
   });
 }

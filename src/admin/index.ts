@@ -1,6 +1,12 @@
 // The admin surface: origin-form requests to the proxy itself. Reading: /ca.crt, /setup/<runtime>,
-// /healthz, /metrics, /ui (and ui/data.json). Changing: POST /admin/purge, from this host only.
+// /healthz, /metrics, /ui (and ui/data.json), open to whoever reaches the port. Changing: POST
+// /admin/purge, with the admin token (`Authorization: Bearer`) when one is configured, else only
+// from a loopback address. Loopback alone is not proof enough where a sidecar proxy (Istio connects
+// from 127.0.0.6) or anything else on the host relays outside clients: there, set admin.token.
+import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { readAdminTokenFile } from '../../config/load.ts';
+import type { Policy } from '../../config/policy.ts';
 import type { CertificateAuthority } from '../ca.ts';
 import type { Metrics } from '../metrics.ts';
 import { DASHBOARD_HTML, type DashboardData } from './dashboard.ts';
@@ -20,6 +26,8 @@ export interface AdminDeps {
   metrics: Metrics;
   dashboard(): Promise<DashboardData>;
   purge(request: PurgeRequest): Promise<unknown>;
+  /** admin.token / admin.tokenFile; none set (or absent): state changes from loopback clients only. */
+  admin?: Policy['admin'];
 }
 
 export type AdminHandler = (req: IncomingMessage, res: ServerResponse) => Promise<number>;
@@ -28,6 +36,8 @@ export type AdminHandler = (req: IncomingMessage, res: ServerResponse) => Promis
 const MAX_ADMIN_BODY = 4 * 1024;
 
 export function createAdminHandler(deps: AdminDeps): AdminHandler {
+  // A token file that cannot be read stops the start (a ConfigError), rather than the first purge.
+  if (deps.admin?.tokenFile) readAdminTokenFile(deps.admin.tokenFile);
   return async (req, res) => {
     const path = (req.url ?? '/').split('?')[0]!;
     if (path === '/admin/purge') return purge(req, res, deps);
@@ -66,13 +76,11 @@ export function createAdminHandler(deps: AdminDeps): AdminHandler {
   };
 }
 
-/** POST /admin/purge {"registry"?, "repository"?, "digest"?}: only from this host (the CLI's way in). */
+/** POST /admin/purge {"registry"?, "repository"?, "digest"?}: with the admin token, or from this host when none is set. */
 async function purge(req: IncomingMessage, res: ServerResponse, deps: AdminDeps): Promise<number> {
   if (req.method !== 'POST') return send(res, 405, 'text/plain; charset=utf-8', 'POST only\n', { Allow: 'POST' });
-  const from = req.socket.remoteAddress ?? '';
-  if (!/^(127\.|::1$|::ffff:127\.)/.test(from)) {
-    return send(res, 403, 'text/plain; charset=utf-8', 'pullthrough: purge is accepted from the proxy host only (run `pullthrough purge` there)\n');
-  }
+  const refused = changeRefusal(req, deps.admin);
+  if (refused) return send(res, refused.status, 'text/plain; charset=utf-8', `pullthrough: ${refused.message}\n`, refused.headers);
   const body = await readBody(req, MAX_ADMIN_BODY);
   if (body === 'cut') {
     // The client closed before its body was whole: nobody is left to answer.
@@ -97,6 +105,44 @@ async function purge(req: IncomingMessage, res: ServerResponse, deps: AdminDeps)
   }
   if (request.repository && !request.registry) return send(res, 400, 'text/plain; charset=utf-8', 'a repository needs its registry\n');
   return send(res, 200, 'application/json', JSON.stringify(await deps.purge(request)) + '\n');
+}
+
+const BEARER_CHALLENGE = { 'WWW-Authenticate': 'Bearer realm="pullthrough-admin"' };
+
+/**
+ * Why a state-changing admin request may not proceed; undefined when it may. With a token configured,
+ * the request must carry it, whatever its address; without one, it must come from a loopback address.
+ */
+function changeRefusal(req: IncomingMessage, admin: Policy['admin'] | undefined): { status: number; message: string; headers?: Record<string, string> } | undefined {
+  const tokens: string[] = [];
+  if (admin?.token) tokens.push(admin.token);
+  if (admin?.tokenFile) {
+    try {
+      // Read at each use, so that a rotated Secret applies without a restart.
+      tokens.push(readAdminTokenFile(admin.tokenFile));
+    } catch (err) {
+      return { status: 503, message: `the admin token cannot be read, so nothing is changed: ${(err as Error).message}` };
+    }
+  }
+  if (tokens.length === 0) {
+    const from = req.socket.remoteAddress ?? '';
+    if (/^(127\.|::1$|::ffff:127\.)/.test(from)) return undefined;
+    return { status: 403, message: 'purge is accepted from the proxy host only (run `pullthrough purge` there), or with the admin token when admin.token is set' };
+  }
+  const presented = /^Bearer +(\S+) *$/i.exec(req.headers.authorization ?? '')?.[1];
+  if (presented === undefined) {
+    return { status: 401, message: 'this needs the admin token: Authorization: Bearer <token> (`pullthrough purge` sends $PULLTHROUGH_ADMIN_TOKEN, or the token of proxy.yaml)', headers: BEARER_CHALLENGE };
+  }
+  // Every token is compared, each in constant time, so that neither a match nor a length leaks by timing.
+  const matches = tokens.map((token) => sameSecret(token, presented));
+  if (!matches.includes(true)) return { status: 401, message: 'the admin token is not right', headers: BEARER_CHALLENGE };
+  return undefined;
+}
+
+/** Compares digests (equal length whatever the inputs) with timingSafeEqual. */
+function sameSecret(expected: string, presented: string): boolean {
+  const digest = (text: string) => createHash('sha256').update(text, 'utf8').digest();
+  return timingSafeEqual(digest(expected), digest(presented));
 }
 
 /**

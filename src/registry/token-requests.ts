@@ -57,7 +57,6 @@ const TOKEN_PARAMETERS = new Set(['service', 'scope', 'client_id']);
 export async function credentialsToInject(policy: Policy, host: RegistryPolicy, req: IncomingMessage, user: ProxyUser | undefined, auth: UpstreamAuth, targetFor: (registry: RegistryPolicy) => UpstreamTarget): Promise<Credentials | undefined> {
   if (req.method !== 'GET' || clientAuthorization(req) || req.headers.cookie) return undefined;
   const url = new URL(req.url ?? '/', 'https://token.invalid');
-  if ([...url.searchParams.keys()].some((name) => !TOKEN_PARAMETERS.has(name))) return undefined;
   const served = [host, ...host.tokenServiceFor.map((key) => policy.registries.get(key))].filter((r): r is RegistryPolicy => r?.auth !== undefined);
   if (served.length === 0) return undefined;
   // Several registries may share one token service: the one named by `service`, else the first.
@@ -68,16 +67,25 @@ export async function credentialsToInject(policy: Policy, host: RegistryPolicy, 
   const endpointHost = endpoint ? (endpoint.realm.port ? `${endpoint.realm.hostname}:${endpoint.realm.port}` : endpoint.realm.hostname).toLowerCase() : undefined;
   if (!endpoint || endpointHost !== hostPort.toLowerCase() || endpoint.realm.pathname !== url.pathname) return undefined;
   if (service !== undefined && endpoint.service !== undefined && service !== endpoint.service.toLowerCase()) return undefined;
+  return onlyPullScopes(url, registry, user) ? registry.auth : undefined;
+}
+
+/**
+ * At least one scope, each `repository:<name>:pull`, nothing but the token protocol's parameters, and
+ * with proxy users only repositories the user may read: a token request the central credentials may serve.
+ */
+export function onlyPullScopes(url: URL, registry: RegistryPolicy, user: ProxyUser | undefined): boolean {
+  if ([...url.searchParams.keys()].some((name) => !TOKEN_PARAMETERS.has(name))) return false;
   const scopes = url.searchParams.getAll('scope').flatMap((s) => s.split(' ')).filter(Boolean);
-  if (scopes.length === 0) return undefined;
+  if (scopes.length === 0) return false;
   for (const scope of scopes) {
     const parts = scope.split(':');
-    if (parts.length < 3 || parts[0] !== 'repository') return undefined;
+    if (parts.length < 3 || parts[0] !== 'repository') return false;
     const actions = parts[parts.length - 1]!.split(',');
-    if (actions.some((action) => action !== 'pull')) return undefined;
-    if (user && !mayRead(user, registry, parts.slice(1, -1).join(':'))) return undefined;
+    if (actions.some((action) => action !== 'pull')) return false;
+    if (user && !mayRead(user, registry, parts.slice(1, -1).join(':'))) return false;
   }
-  return registry.auth;
+  return true;
 }
 
 /**
@@ -114,7 +122,9 @@ export async function forwardTokenRequest(
   if (response.statusCode === 429 || response.statusCode >= 500) {
     return { ...answerOffline(res, injected, `the token service ${target.origin} answered ${response.statusCode}`), upstreamStatus: response.statusCode, upstreamMs };
   }
-  if (response.statusCode === 200) {
+  // A token issued to the client's own credentials is the client's: only what the proxy knows it asked
+  // for (the central credentials, or none at all) is remembered.
+  if (response.statusCode === 200 && !clientAuthorization(req)) {
     const token = parseTokenResponse(body.toString('utf8'));
     if (token) auth.recordIssued(token.token, token.expiresAt, injected ? 'central' : 'anonymous');
   }

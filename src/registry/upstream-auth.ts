@@ -147,6 +147,21 @@ export class UpstreamAuth {
   }
 
   /**
+   * The registry's challenge, asked for now (GET /v2/) when the proxy has not met it yet, whether or
+   * not it has central credentials: the mirror front sends clients to this realm through itself.
+   */
+  async registryChallenge(target: UpstreamTarget): Promise<Challenge | null | undefined> {
+    const known = this.challenges.get(target.registry.key);
+    if (known && Date.now() - known.learnedAt < CHALLENGE_TTL_MS) return known.challenge;
+    let pending = this.learning.get(target.registry.key);
+    if (!pending) {
+      pending = this.learn(target).finally(() => this.learning.delete(target.registry.key));
+      this.learning.set(target.registry.key, pending);
+    }
+    return (await pending) ?? known?.challenge;
+  }
+
+  /**
    * The central Basic login, for a ping of a Basic registry by a client without credentials (so that
    * clients which only log in after a challenge still pull). A Bearer challenge gets nothing: clients
    * fetch their tokens from the realm, where the proxy injects.

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import { describePolicy } from '../../config/describe.ts';
 import { parse } from 'yaml';
-import { ConfigError, loadPolicy } from '../../config/load.ts';
+import { ConfigError, loadPolicy, parsePolicy } from '../../config/load.ts';
 import type { Policy } from '../../config/policy.ts';
 
 const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-config-'));
@@ -35,6 +35,13 @@ describe('policy file', () => {
     assert.equal(policy.cache.maxSize, 32 * 1024 ** 3);
     assert.equal(policy.manifests.defaultTtlMs, 3_600_000);
     assert.deepEqual(policy.tunnel.allow, ['*:443']);
+    assert.deepEqual(policy.admin, {}, 'no admin token: state changes from loopback only');
+  });
+
+  test('tunnel patterns: name globs, exact names, addresses in any spelling, IPv4 and IPv6 blocks', () => {
+    const allow = ['*:443', '*.example.com:*', 'git.internal.example:443', '10.0.0.0/8:443', '127.0.0.1:8443', '2130706433:1', '[fd00::/8]:*', '[fd00::]/8:22', '[::1]:5000', '[::ffff:10.0.0.0/104]:443'];
+    const policy = parsePolicy(`tunnel:\n  allow: ${JSON.stringify(allow)}\n  deny: ["10.*:*"]\n`, 'proxy.yaml', {}, dir);
+    assert.deepEqual(policy.tunnel.allow, allow, 'kept as written, for check-config');
   });
 
   test('the shipped proxy.yaml is valid and intercepts Docker Hub anonymously when no token is set', () => {
@@ -122,7 +129,13 @@ describe('policy errors name file, line and key', () => {
     ['an unreadable CA file', 'registries:\n  quay.io:\n    tls: { ca: /nonexistent/ca.pem }\n', /:3:16: registries\.quay\.io\.tls\.ca: cannot read \/nonexistent\/ca\.pem: ENOENT/],
     ['a duplicate key', 'listen: 1\nlisten: 2\n', /:2:1: invalid YAML: Map keys must be unique/],
     ['a bad listen address', 'listen: "nowhere"\n', /:1:9: listen: "nowhere" is not host:port/],
-    ['a bad tunnel pattern', 'tunnel:\n  allow: ["*"]\n', /tunnel\.allow: "\*" is not a host:port pattern/],
+    ['a bad tunnel pattern', 'tunnel:\n  allow: ["*"]\n', /:2:11: tunnel\.allow\[0\]: "\*" is not a host:port pattern/],
+    ['a tunnel pattern with no valid address', 'tunnel:\n  deny: ["*:443", "999.1.1.1:*"]\n', /:2:19: tunnel\.deny\[1\]: "999\.1\.1\.1:\*": "999\.1\.1\.1" is not a valid IP address/],
+    ['a tunnel block too wide', 'tunnel:\n  allow: ["10.0.0.0/33:443"]\n', /tunnel\.allow\[0\]: .*an IPv4 prefix is at most \/32/],
+    ['a prefix on a name', 'tunnel:\n  allow: ["git.example/8:443"]\n', /tunnel\.allow\[0\]: .*a \/prefix needs an IP address/],
+    ['a tunnel port out of range', 'tunnel:\n  allow: ["*:0"]\n', /tunnel\.allow\[0\]: .*port 0 is out of range/],
+    ['a short admin token', 'admin:\n  token: secret\n', /:2:10: admin\.token: an admin token is at least 16 visible ASCII characters/],
+    ['an admin token with a space', 'admin:\n  token: "0123456789 abcdefghij"\n', /admin\.token: an admin token is at least 16 visible ASCII characters, no spaces/],
     ['password and passwordFile together', 'users:\n  ci: { password: a, passwordFile: b, read: [] }\n', /users\.ci\.passwordFile: give either/],
   ];
   for (const [name, yaml, expected] of cases) {

@@ -294,7 +294,8 @@ registries:
   ${rig.k8sHostPort}:
     ${tls}
 ${options.interceptRealm ? `  ${rig.endpoints.auth.hostPort}:\n    ${tls}\n` : ''}tunnel:
-  allow: ["*:${rig.endpoints.auth.port}"]
+  # The realm resolves to 127.0.0.1 (hosts: below): an internal destination is tunnelled only when named.
+  allow: ["${rig.endpoints.auth.hostPort}"]
 hosts:
 ${rig.hostsYaml()}
 `;

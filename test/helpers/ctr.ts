@@ -61,10 +61,12 @@ function probe(): string | undefined {
 export interface CtrPullOptions {
   /** 'registry.test:5443/repo:tag' or '...@sha256:...'. */
   image: string;
-  /** 'http://127.0.0.1:3128', for HTTPS_PROXY. */
-  proxyUrl: string;
-  /** PEM file with the proxy's CA: the only CA ctr will trust. */
-  caFile: string;
+  /** 'http://127.0.0.1:3128', for HTTPS_PROXY; absent: no proxy (a mirror in hostsDir). */
+  proxyUrl?: string;
+  /** PEM file with the proxy's CA: the only CA ctr will trust (absent: the hosts.toml files say). */
+  caFile?: string;
+  /** containerd's certs.d directory (hosts.toml per registry): ctr --hosts-dir. */
+  hostsDir?: string;
   /** Upstream registry credentials (ctr --user); default anonymous. */
   credentials?: Credentials;
   architecture?: 'amd64' | 'arm64';
@@ -156,17 +158,17 @@ export async function startContainerd(): Promise<ContainerdHandle> {
           // Unpacks with plain directory copies: no overlay mounts.
           '--snapshotter', SNAPSHOTTER,
           // The root pool of ctr's transport becomes exactly this CA (not added to the system roots).
-          '--tlscacert', options.caFile,
+          ...(options.caFile ? ['--tlscacert', options.caFile] : []),
+          ...(options.hostsDir ? ['--hosts-dir', options.hostsDir] : []),
           ...(options.credentials ? ['--user', `${options.credentials.username}:${options.credentials.password}`] : []),
           options.image,
         ];
         const r = await ctr(
           args,
           {
-            HTTPS_PROXY: options.proxyUrl,
-            https_proxy: options.proxyUrl,
+            ...(options.proxyUrl ? { HTTPS_PROXY: options.proxyUrl, https_proxy: options.proxyUrl } : {}),
             // Belt and braces: were --tlscacert ignored, Go would load only these instead of the system roots.
-            SSL_CERT_FILE: options.caFile,
+            SSL_CERT_FILE: options.caFile ?? join(dir, 'no-certs', 'none.pem'),
             SSL_CERT_DIR: join(dir, 'no-certs'),
           },
           options.timeoutMs,

@@ -41,10 +41,12 @@ function probe(): string | undefined {
 export interface PodmanPullOptions {
   /** 'registry.test:5443/repo:tag' or '...@sha256:...' (no transport prefix). */
   image: string;
-  /** 'http://127.0.0.1:3128', for HTTPS_PROXY. */
-  proxyUrl: string;
-  /** PEM file with the proxy's CA: the only CA podman will trust. */
-  caFile: string;
+  /** 'http://127.0.0.1:3128', for HTTPS_PROXY; absent: no proxy (a mirror in registriesConf). */
+  proxyUrl?: string;
+  /** PEM file with the proxy's CA: the only CA podman will trust (absent: none at all). */
+  caFile?: string;
+  /** registries.conf content (mirrors); default: no search registries, nothing else. */
+  registriesConf?: string;
   /** Upstream registry credentials (podman pull --creds); default anonymous. */
   credentials?: Credentials;
   architecture?: 'amd64' | 'arm64';
@@ -83,6 +85,7 @@ export interface PodmanPullResult {
 export async function podmanPullThroughProxy(options: PodmanPullOptions): Promise<PodmanPullResult> {
   const sandbox = await makePodmanSandbox();
   try {
+    if (options.registriesConf !== undefined) await writeFile(sandbox.env.CONTAINERS_REGISTRIES_CONF!, options.registriesConf);
     const pull = await runPodman(
       sandbox,
       [
@@ -90,7 +93,8 @@ export async function podmanPullThroughProxy(options: PodmanPullOptions): Promis
         '--quiet',
         '--os', 'linux',
         '--arch', options.architecture ?? 'amd64',
-        '--tls-verify=true',
+        // Through a proxy every registry is verified; a mirror's registries.conf says itself (insecure = true).
+        ...(options.proxyUrl ? ['--tls-verify=true'] : []),
         // An empty cert dir replaces /etc/containers/certs.d (hidden anyway) and /etc/docker/certs.d lookups.
         '--cert-dir', sandbox.emptyCertDir,
         // A policy that accepts anything: signature policy is not under test.
@@ -99,11 +103,10 @@ export async function podmanPullThroughProxy(options: PodmanPullOptions): Promis
         options.image,
       ],
       {
-        HTTPS_PROXY: options.proxyUrl,
-        https_proxy: options.proxyUrl,
+        ...(options.proxyUrl ? { HTTPS_PROXY: options.proxyUrl, https_proxy: options.proxyUrl } : {}),
         // Go's x509 reads SSL_CERT_FILE instead of the system bundle, but still adds every file in
         // the default cert dirs (/etc/ssl/certs) unless SSL_CERT_DIR points elsewhere: an empty dir.
-        SSL_CERT_FILE: options.caFile,
+        SSL_CERT_FILE: options.caFile ?? join(sandbox.emptyCertDir, 'none.pem'),
         SSL_CERT_DIR: sandbox.emptyCertDir,
       },
       options.timeoutMs,

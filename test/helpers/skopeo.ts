@@ -155,6 +155,49 @@ export async function skopeoCopyThroughProxy(options: ProxyCopyOptions): Promise
   }
 }
 
+export interface MirrorCopyOptions {
+  /** 'registry.test:5443/repo:tag' (no transport prefix): the name the mirror in registriesConf serves. */
+  image: string;
+  /** registries.conf content with the mirror; no HTTPS_PROXY is set. */
+  registriesConf: string;
+  destDir: string;
+  /**
+   * Credentials for the mirror (host[:port] as in registriesConf's location): containers/image looks a
+   * mirror's up by its own name in auth.json, as `podman login <mirror>` stores them; --src-creds would
+   * reach only the registry itself.
+   */
+  mirrorCredentials?: Credentials & { host: string };
+  /** The only CA trusted (an HTTPS mirror's); default none. */
+  caFile?: string;
+  timeoutMs?: number;
+}
+
+/** `skopeo copy docker://<image> dir:<destDir>` with a registries.conf mirror and no proxy. Never throws on skopeo's failure. */
+export async function skopeoCopyThroughMirror(options: MirrorCopyOptions): Promise<SkopeoResult> {
+  const sandbox = makeSkopeoSandbox();
+  try {
+    const emptyCertDir = join(sandbox.dir, 'no-certs');
+    await mkdir(emptyCertDir);
+    const args = [
+      // skopeo 1.9 reads CONTAINERS_REGISTRIES_CONF for nothing: the flag it is.
+      '--registries-conf', sandbox.env.CONTAINERS_REGISTRIES_CONF ?? join(sandbox.dir, 'registries.conf'),
+      '--override-os', 'linux',
+      '--override-arch', 'amd64',
+      'copy',
+      '--retry-times', '0',
+      '--src-cert-dir', emptyCertDir,
+      `docker://${options.image}`,
+      `dir:${options.destDir}`,
+    ];
+    const env = { SSL_CERT_FILE: options.caFile ?? join(emptyCertDir, 'none.pem'), SSL_CERT_DIR: emptyCertDir };
+    const login = options.mirrorCredentials;
+    const auths = login ? { [login.host]: { auth: Buffer.from(`${login.username}:${login.password}`).toString('base64') } } : {};
+    return await runSkopeo(args, sandbox, env, options.timeoutMs, options.registriesConf, JSON.stringify({ auths }) + '\n');
+  } finally {
+    removeTempDir(sandbox.dir);
+  }
+}
+
 export interface DirCopy {
   /** Digest of manifest.json as written (skopeo keeps the registry's bytes). */
   manifestDigest: string;
@@ -244,9 +287,11 @@ async function runSkopeo(
   sandbox: SkopeoSandbox,
   extraEnv: Record<string, string>,
   timeoutMs = DEFAULT_TIMEOUT_MS,
+  registriesConf = 'unqualified-search-registries = []\n',
+  authFile = '{"auths":{}}\n',
 ): Promise<SkopeoResult> {
-  await writeFile(sandbox.env.REGISTRY_AUTH_FILE ?? join(sandbox.dir, 'auth.json'), '{"auths":{}}\n');
-  await writeFile(sandbox.env.CONTAINERS_REGISTRIES_CONF ?? join(sandbox.dir, 'registries.conf'), 'unqualified-search-registries = []\n');
+  await writeFile(sandbox.env.REGISTRY_AUTH_FILE ?? join(sandbox.dir, 'auth.json'), authFile);
+  await writeFile(sandbox.env.CONTAINERS_REGISTRIES_CONF ?? join(sandbox.dir, 'registries.conf'), registriesConf);
   // --insecure-policy: signature policy is not under test, and /etc/containers/policy.json may be absent.
   const fullArgs = ['--insecure-policy', ...args];
   const env = envWithoutProxies({ ...sandbox.env, ...extraEnv });

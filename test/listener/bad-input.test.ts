@@ -54,7 +54,8 @@ registries:
 hosts:
   slow.test: 127.0.0.1
 tunnel:
-  allow: ["*:*"]
+  # 127/8 named explicitly, so that the rule against tunnels into the proxy itself is what refuses 127.0.0.1 below.
+  allow: ["*:*", "127.0.0.0/8:*"]
   deny: ["*.internal.test:*", "example.test:25"]
 `);
   });
@@ -94,6 +95,8 @@ tunnel:
     for (const host of ['127.0.0.1', 'localhost', '[::1]']) {
       const { text } = await exchange(proxy.port, `CONNECT ${host}:${proxy.port} HTTP/1.1\r\nHost: x\r\n\r\n`);
       assert.equal(statusOf(text), 403, `${host}: ${text}`);
+      // The proxy listens on 127.0.0.1; ::1 (localhost may resolve to it too) is loopback that no entry names.
+      assert.match(text, host === '127.0.0.1' ? /the proxy itself/ : /the proxy itself|loopback/, host);
     }
     await stillServing();
   });
