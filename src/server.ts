@@ -3,8 +3,9 @@
 import { chmodSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import type { Policy } from '../config/policy.ts';
+import type { MirrorPolicy } from '../config/mirror.ts';
 import { dashboardData } from './admin/dashboard.ts';
-import { createAdminHandler } from './admin/index.ts';
+import { createAdminHandler, type AdminDeps } from './admin/index.ts';
 import { purge } from './cache/purge.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { Stats } from './stats.ts';
@@ -106,6 +107,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     metrics,
     dashboard: () => dashboardData({ version: VERSION, startedAt, maxSize: policy.cache.maxSize, stats, store, fills, manifests: manifestStore, rateLimits, workersHealthy }),
     purge: (request) => purge(request, { store, fills, manifests: manifestStore, log }),
+    ...(policy.mirror ? { mirror: mirrorSetupFor(policy, policy.mirror, () => (mirror?.server.address() as AddressInfo | null)?.port) } : {}),
     admin: policy.admin,
   });
   // Declared before the front: its CONNECT guard asks for the mirror's address (no tunnel into it either).
@@ -189,4 +191,20 @@ function warnAboutSharedCredentials(policy: Policy, log: Logger): void {
       log.warn('content fetched with central credentials is served to every client of the proxy (configure users: to restrict it)', { registry: registry.key });
     }
   }
+}
+
+/**
+ * What the mirror setup scripts need: the mirror's URL as a client that reached the admin surface by
+ * `hostname` would use it (a TLS mirror by one of its names), and the registries (not the token
+ * services, which clients never pull from).
+ */
+function mirrorSetupFor(policy: Policy, mirror: MirrorPolicy, port: () => number | undefined): NonNullable<AdminDeps['mirror']> {
+  return {
+    url(hostname) {
+      const names = mirror.tls?.names ?? [];
+      const host = mirror.tls && names.length > 0 && !names.includes(hostname.toLowerCase()) ? names[0]! : hostname;
+      return `${mirror.tls ? 'https' : 'http'}://${host.includes(':') && !host.startsWith('[') ? `[${host}]` : host}:${port() ?? mirror.listen.port}`;
+    },
+    registries: [...policy.registries.values()].filter((r) => r.tokenServiceFor.length === 0),
+  };
 }

@@ -11,6 +11,8 @@ import type { CertificateAuthority } from '../ca.ts';
 import type { Metrics } from '../metrics.ts';
 import { DASHBOARD_HTML, type DashboardData } from './dashboard.ts';
 import { isRuntime, setupScript } from './setup-scripts.ts';
+import { isMirrorRuntime, mirrorSetupScript } from './mirror-setup.ts';
+import type { MirroredRegistry } from './mirror-config.ts';
 
 export interface PurgeRequest {
   registry?: string;
@@ -28,6 +30,12 @@ export interface AdminDeps {
   purge(request: PurgeRequest): Promise<unknown>;
   /** admin.token / admin.tokenFile; none set (or absent): state changes from loopback clients only. */
   admin?: Policy['admin'];
+  /** The registry-mirror front, when configured: for its setup scripts. */
+  mirror?: {
+    /** The mirror's URL for a client that reached the admin surface by `hostname`. */
+    url(hostname: string): string;
+    registries: readonly MirroredRegistry[];
+  };
 }
 
 export type AdminHandler = (req: IncomingMessage, res: ServerResponse) => Promise<number>;
@@ -59,6 +67,18 @@ export function createAdminHandler(deps: AdminDeps): AdminHandler {
         return send(res, 200, 'text/html; charset=utf-8', DASHBOARD_HTML);
       case '/ui/data.json':
         return send(res, 200, 'application/json', JSON.stringify(await deps.dashboard()) + '\n');
+    }
+    const mirrorSetup = /^\/setup\/([a-z]+-mirror)$/.exec(path);
+    if (mirrorSetup) {
+      const runtime = mirrorSetup[1]!;
+      if (!isMirrorRuntime(runtime)) return send(res, 404, 'text/plain; charset=utf-8', 'mirror setup scripts: /setup/containerd-mirror, /setup/podman-mirror, /setup/docker-mirror\n');
+      if (!deps.mirror) return send(res, 404, 'text/plain; charset=utf-8', 'the registry mirror is off: set mirror.listen in proxy.yaml\n');
+      try {
+        const hostname = new URL(`http://${req.headers.host ?? deps.fallbackHost}`).hostname;
+        return send(res, 200, 'text/x-shellscript; charset=utf-8', mirrorSetupScript(runtime, { mirrorUrl: deps.mirror.url(hostname), registries: deps.mirror.registries, caPem: deps.ca.certPem }));
+      } catch (err) {
+        return send(res, 400, 'text/plain; charset=utf-8', `${(err as Error).message}\n`);
+      }
     }
     const setup = /^\/setup\/([a-z]+)$/.exec(path);
     if (setup) {

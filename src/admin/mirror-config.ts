@@ -59,6 +59,7 @@ export function registriesConf(registries: readonly MirroredRegistry[], options:
       '[[registry]]',
       `prefix = "${name}"`,
       `location = "${name}"`,
+      ...(registry.http ? ['insecure = true'] : []),
       '',
       '[[registry.mirror]]',
       // A location is an image reference, whose path cannot hold the port's colon: host_port.

@@ -144,7 +144,7 @@ const DEFAULT_NO_PROXY = ['localhost', '127.0.0.0/8', '::1', '.svc', '.cluster.l
 const NO_PROXY_ENTRY = /^[A-Za-z0-9.:/*_-]+$/;
 
 /** A hostname as WHATWG URL leaves it (lower case, IDN in punycode), or a bracketed IPv6 literal. */
-const URL_HOSTNAME = /^(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])$/;
+export const URL_HOSTNAME = /^(?:[a-z0-9_.-]+|\[[0-9a-f:.]+\])$/;
 
 /** The proxy's origin, and its host as NO_PROXY spells it (IPv6 without brackets). */
 function parseProxyUrl(raw: string): { url: string; host: string } {
@@ -184,7 +184,7 @@ function noProxyList(proxyHost: string, extra: readonly string[]): string[] {
  * are sure never to end it early. Line ends are normalised to \n, with one at the end. */
 const PEM_CERTIFICATES = /^(?:-----BEGIN CERTIFICATE-----\n[A-Za-z0-9+/=\n]+-----END CERTIFICATE-----\n+)+$/;
 
-function pemCertificates(pem: string): string {
+export function pemCertificates(pem: string): string {
   const text = pem.replace(/\r\n/g, '\n').trim() + '\n';
   if (!PEM_CERTIFICATES.test(text)) {
     throw new Error('setup script: caPem must be PEM certificates (-----BEGIN CERTIFICATE----- blocks) only');
@@ -194,7 +194,7 @@ function pemCertificates(pem: string): string {
 
 // ---- Rendering the script ----
 
-const COMMON_SH = readFileSync(new URL('./setup/common.sh', import.meta.url), 'utf8');
+export const COMMON_SH = readFileSync(new URL('./setup/common.sh', import.meta.url), 'utf8');
 const HEREDOC_END = 'PULLTHROUGH_EOF';
 
 function render(runtime: Runtime, proxyUrl: string, caPem: string, plan: Plan): string {
@@ -240,16 +240,16 @@ function header(runtime: Runtime, proxyUrl: string, plan: Plan): string[] {
 }
 
 /** A command fed `content` on stdin by a quoted heredoc, inside which bash expands nothing. */
-function heredoc(command: string, content: string): string[] {
+export function heredoc(command: string, content: string): string[] {
   const body = content.endsWith('\n') ? content.slice(0, -1).split('\n') : content.split('\n');
   if (body.includes(HEREDOC_END)) throw new Error(`setup script: content contains ${HEREDOC_END}`);
   return [`${command} <<'${HEREDOC_END}'`, ...body, HEREDOC_END];
 }
 
-function shellQuote(s: string): string {
+export function shellQuote(s: string): string {
   return `'${s.replaceAll("'", `'\\''`)}'`;
 }
 
-function lines(...ls: string[]): string {
+export function lines(...ls: string[]): string {
   return ls.join('\n') + '\n';
 }

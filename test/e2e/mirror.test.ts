@@ -4,11 +4,11 @@
 // rig (token realm on another host, blobs behind a CDN); every count is read from its own logs. The
 // client configurations are the ones src/admin/mirror-config.ts generates for users.
 import assert from 'node:assert/strict';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { containerdHostsFiles, registriesConf } from '../../src/admin/mirror-config.ts';
 import { sendConnect } from '../helpers/connect.ts';
 import { ctrUnavailable, startContainerd } from '../helpers/ctr.ts';
 import { addEtcHosts, etcHostsUnavailable } from '../helpers/etc-hosts.ts';
@@ -36,6 +36,7 @@ describe('the registry-mirror front, with real clients and no HTTPS_PROXY', () =
     rig = await startHubRig({ privateUser: PRIVATE_USER });
     proxy = await startTestProxy(policyWith(rig, `mirror:\n  listen: 127.0.0.1:0\n  default: ${rig.hubHostPort}\n`));
     mirrorUrl = new URL(`http://127.0.0.1:${proxy.proxy.mirrorPort}`);
+    podmanConf = readFileSync(join(await runSetup('podman-mirror'), 'etc/containers/registries.conf.d/pullthrough-mirror.conf'), 'utf8');
   });
 
   after(async () => {
@@ -49,20 +50,29 @@ describe('the registry-mirror front, with real clients and no HTTPS_PROXY', () =
     return { image, ref: await rig.pushHub(image.layoutDir, tag, repository) };
   }
 
-  const hub = () => ({ host: rig.endpoints.registry.name, port: rig.endpoints.registry.port, http: false });
+  /** Runs /setup/<script> of `through` as users do (curl | bash), with ROOT: the files land under the returned directory. */
+  async function runSetup(script: string, through: TestProxy = proxy): Promise<string> {
+    const root = join(work, `root-${count++}`);
+    const text = await (await fetch(`http://127.0.0.1:${through.port}/setup/${script}`)).text();
+    const ran = spawnSync('bash', [], { input: text, env: { ...process.env, ROOT: root }, encoding: 'utf8' });
+    assert.equal(ran.status, 0, `${script}: ${ran.stderr}`);
+    return root;
+  }
 
-  /** containerd's certs.d as /setup/containerd-mirror writes it, for the hub registry. */
-  function hostsDir(extraServerLines: string[] = []): string {
-    const dir = join(work, `certs.d-${count++}`);
-    for (const file of containerdHostsFiles([hub()], { mirrorUrl }, dir)) {
-      mkdirSync(dirname(file.path), { recursive: true });
-      const [comment, server, ...rest] = file.content.split('\n');
-      writeFileSync(file.path, [comment, server, ...extraServerLines, ...rest].join('\n'));
+  /** containerd's certs.d as /setup/containerd-mirror writes it; `extraServerLines` go after `server =`. */
+  async function hostsDir(extraServerLines: string[] = []): Promise<string> {
+    const dir = join(await runSetup('containerd-mirror'), 'etc/containerd/certs.d');
+    if (extraServerLines.length > 0) {
+      const file = join(dir, rig.hubHostPort, 'hosts.toml');
+      writeFileSync(file, readFileSync(file, 'utf8').replace(/^server = .*$/m, (line) => [line, ...extraServerLines].join('\n')));
     }
     return dir;
   }
 
-  const conf = () => registriesConf([hub()], { mirrorUrl });
+  let podmanConf: string | undefined;
+  /** The registries.conf drop-in /setup/podman-mirror writes. */
+  const conf = () => podmanConf!;
+
   const upstreamManifestsAndBlobs = () => rig.count((r) => (r.host === 'registry' && (r.kind === 'manifest' || r.kind === 'blob')) || r.host === 'cdn');
 
   async function skopeoViaMirror(ref: string, credentials?: typeof PRIVATE_USER): Promise<{ ok: boolean; digest?: string; detail: string }> {
@@ -78,7 +88,7 @@ describe('the registry-mirror front, with real clients and no HTTPS_PROXY', () =
 
   test('ctr with the generated hosts.toml (?ns= form): a cold pull, then a warm one that sends nothing upstream', { skip: ctrSkip ?? false }, async () => {
     const { image, ref } = await pushed('library/mirror-ctr');
-    const dir = hostsDir();
+    const dir = await hostsDir();
     for (const round of ['cold', 'warm']) {
       rig.resetCounts();
       const containerd = await startContainerd();
@@ -149,7 +159,7 @@ describe('the registry-mirror front, with real clients and no HTTPS_PROXY', () =
     const guarded = await startTestProxy(policyWith(rig, `mirror:\n  listen: 127.0.0.1:0\nusers:\n  ci:\n    password: ci-pw\n    read: ["${rig.hubHostPort}/team/*"]\n`));
     try {
       const url = new URL(`http://127.0.0.1:${guarded.proxy.mirrorPort}`);
-      const guardedConf = registriesConf([hub()], { mirrorUrl: url });
+      const guardedConf = readFileSync(join(await runSetup('podman-mirror', guarded), 'etc/containers/registries.conf.d/pullthrough-mirror.conf'), 'utf8');
       const pull = async (ref: string, credentials?: { username: string; password: string }) => {
         const destDir = makeTempDir('mirror-users');
         try {
@@ -171,14 +181,11 @@ describe('the registry-mirror front, with real clients and no HTTPS_PROXY', () =
   test('the proxy stopped: ctr with the generated hosts.toml pulls from the registry itself', { skip: ctrSkip ?? etcHostsUnavailable() ?? false }, async () => {
     const { image, ref } = await pushed('library/fallback');
     const standalone = await startTestProxy(policyWith(rig, 'mirror:\n  listen: 127.0.0.1:0\n'));
-    const url = new URL(`http://127.0.0.1:${standalone.proxy.mirrorPort}`);
+    const dir = join(await runSetup('containerd-mirror', standalone), 'etc/containerd/certs.d');
     await standalone.close();
-    const dir = join(work, 'certs.d-fallback');
-    for (const file of containerdHostsFiles([hub()], { mirrorUrl: url }, dir)) {
-      mkdirSync(dirname(file.path), { recursive: true });
-      // The test registry's CA, which a real registry would not need (its certificate is public).
-      writeFileSync(file.path, file.content.replace(/^server = .*$/m, (line) => `${line}\nca = "${rig.caFile}"`));
-    }
+    // The test registry's CA, which a real registry would not need (its certificate is public).
+    const file = join(dir, rig.hubHostPort, 'hosts.toml');
+    writeFileSync(file, readFileSync(file, 'utf8').replace(/^server = .*$/m, (line) => `${line}\nca = "${rig.caFile}"`));
     const restore = addEtcHosts(Object.keys(rig.hosts));
     const containerd = await startContainerd();
     try {
@@ -190,6 +197,37 @@ describe('the registry-mirror front, with real clients and no HTTPS_PROXY', () =
     } finally {
       await containerd.stop();
       restore();
+    }
+  });
+
+  test('the setup scripts: hosts.toml, registries.conf and daemon.json for every registry, idempotent, the rest of daemon.json kept', async () => {
+    const root = await runSetup('containerd-mirror');
+    const hosts = readFileSync(join(root, 'etc/containerd/certs.d', rig.hubHostPort, 'hosts.toml'), 'utf8');
+    assert.match(hosts, new RegExp(`^server = "https://${rig.hubHostPort}"$`, 'm'), 'the registry itself, last');
+    assert.match(hosts, new RegExp(`^\\[host\\."${mirrorUrl.origin}"\\]$`, 'm'));
+    assert.ok(existsSync(join(root, 'etc/containerd/certs.d', rig.k8sHostPort, 'hosts.toml')), 'every registry of the policy');
+    assert.match(conf(), new RegExp(`location = "${mirrorUrl.host}/registry.hub.test_${rig.endpoints.registry.port}"`));
+
+    // docker: a daemon.json of the user's is kept, the mirror put first; a second run changes nothing.
+    const dockerRoot = join(work, `root-${count++}`);
+    mkdirSync(join(dockerRoot, 'etc/docker'), { recursive: true });
+    writeFileSync(join(dockerRoot, 'etc/docker/daemon.json'), '{"log-driver":"journald","registry-mirrors":["https://other.example"]}');
+    const script = await (await fetch(`http://127.0.0.1:${proxy.port}/setup/docker-mirror`)).text();
+    for (const round of [1, 2]) {
+      const ran = spawnSync('bash', [], { input: script, env: { ...process.env, ROOT: dockerRoot }, encoding: 'utf8' });
+      assert.equal(ran.status, 0, ran.stderr);
+      if (round === 2) assert.match(ran.stdout, /unchanged: \/etc\/docker\/daemon.json/);
+    }
+    assert.deepEqual(JSON.parse(readFileSync(join(dockerRoot, 'etc/docker/daemon.json'), 'utf8')), { 'log-driver': 'journald', 'registry-mirrors': [mirrorUrl.origin, 'https://other.example'] });
+
+    // Without a mirror configured the scripts say so.
+    const plain = await startTestProxy('');
+    try {
+      const answer = await fetch(`http://127.0.0.1:${plain.port}/setup/containerd-mirror`);
+      assert.equal(answer.status, 404);
+      assert.match(await answer.text(), /mirror\.listen/);
+    } finally {
+      await plain.close();
     }
   });
 
