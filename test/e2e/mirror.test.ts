@@ -151,6 +151,24 @@ describe('the registry-mirror front, with real clients and no HTTPS_PROXY', () =
     assert.equal(withCredentials.digest, secret.image.manifestDigest);
     const without = await skopeoViaMirror(secret.ref);
     assert.equal(without.ok, false, 'the cached private image is refused to a client without credentials');
+
+    // ctr --user through hosts.toml: containerd asks the mirror's token route (OAuth2 POST, then GET).
+    if (ctrSkip) return;
+    const dir = await hostsDir();
+    for (const credentials of [PRIVATE_USER, undefined]) {
+      const containerd = await startContainerd();
+      try {
+        const result = await containerd.pull({ image: secret.ref, hostsDir: dir, timeoutMs: 120_000, ...(credentials ? { credentials } : {}) });
+        if (credentials) {
+          assert.equal(result.code, 0, result.stderr);
+          assert.equal((await containerd.images()).find((i) => i.ref === secret.ref)?.digest, secret.image.manifestDigest);
+        } else {
+          assert.notEqual(result.code, 0, 'ctr without credentials got the private image');
+        }
+      } finally {
+        await containerd.stop();
+      }
+    }
   });
 
   test('proxy users log in to the mirror, and their read rules apply', async () => {
