@@ -4,7 +4,8 @@
 #
 # Everything it writes (the CA ca.crt/ca.key, leaf.key, the LMDB index, the blob store, request-buffering
 # spool files under tmp/) lives under /data: mount a volume there. Nothing else is written, so the root
-# filesystem can be read-only and no tmpfs is needed (test/e2e/container.test.ts checks both).
+# filesystem can be read-only and no tmpfs is needed (test/e2e/image.test.ts builds the image with podman,
+# runs it so and checks both).
 # PULLTHROUGH_CA_DIR=/ca moves the CA to a volume of its own (deploy/compose.yaml and deploy/kubernetes
 # do): /ca exists for it, owned by the proxy's user, so that a new named volume there is writable. It may
 # also be a read-only mount of your own ca.crt and ca.key (key mode 0600 or 0400).
@@ -24,13 +25,28 @@
 # or mount a policy file and point PULLTHROUGH_CONFIG at it (its ${VAR}s read the environment);
 # PULLTHROUGH_LISTEN and PULLTHROUGH_DATA_DIR below override its listen and dataDir, PULLTHROUGH_CA_DIR
 # (unset: the CA is in the data directory) its caDir.
-# NODE_EXTRA_CA_CERTS=/path/ca.pem adds CAs trusted for upstream registries; OTEL_* turn tracing on.
+# Upstream registries are trusted by the system store (Debian's ca-certificates, installed below) and
+# Node's own roots. A CA of your own (a private registry, a TLS-intercepting company proxy) is added at
+# run time without rebuilding: mount its PEM file into the store, -v ./corp-ca.pem:/etc/ssl/certs/corp-ca.pem:ro
+# (every file there is read; no update-ca-certificates needed), or mount it anywhere and set
+# NODE_EXTRA_CA_CERTS=/path/corp-ca.pem. OTEL_* turn tracing on.
+#
+# Podman and buildah build OCI images unless told otherwise, and OCI images have no HEALTHCHECK:
+#   podman build --format docker -t pullthrough .
+# Building behind a TLS-intercepting proxy (npm ci fails with SELF_SIGNED_CERT_IN_CHAIN): give the build
+# the proxy's CA (a PEM bundle; the build machine's own store holds it once it trusts the proxy), and if
+# needed an .npmrc (a registry mirror, its token), as build secrets. They are mounted for the npm ci step
+# only and are in no layer of the image; either may be left out (BuildKit, i.e. Docker 23 or later, or
+# podman/buildah):
+#   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt --secret id=npmrc,src=$HOME/.npmrc -t pullthrough .
 
 FROM node:24-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 # Prebuilt native modules (lmdb, msgpackr-extract) come as optional packages: no install script needed.
-RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund
+RUN --mount=type=secret,id=ca --mount=type=secret,id=npmrc,target=/root/.npmrc \
+    if [ -f /run/secrets/ca ]; then export NODE_EXTRA_CA_CERTS=/run/secrets/ca; fi; \
+    npm ci --omit=dev --ignore-scripts --no-audit --no-fund
 COPY src ./src
 COPY config ./config
 COPY workers ./workers
@@ -38,6 +54,13 @@ COPY workers ./workers
 RUN node src/build.ts
 
 FROM node:24-slim
+# node:24-slim has no system trust store (no /etc/ssl/certs): Node says so on stderr, in plain text, and
+# only its own roots are trusted. Debian's ca-certificates is that store (~10 MB with the openssl it
+# needs; apt over Debian's plain-HTTP mirror needs no CA), and an image built FROM this one can add a CA
+# to it the Debian way (COPY to /usr/local/share/ca-certificates/, RUN update-ca-certificates as root).
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 # As npm start: 1 MiB semi-spaces keep Buffer garbage short-lived; two malloc arenas stop each thread
 # from keeping one of its own at its peak (8 clients on a 4 GiB blob: 396 -> 147 MiB peak RSS).
 ENV NODE_ENV=production \

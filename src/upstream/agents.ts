@@ -1,6 +1,7 @@
 // One undici Agent per registry: keep-alive pools per origin (the registry and any host it redirects
 // to), SNI from the origin's name, HTTP/1.1 only, the registry's timeouts, and the trust it is due.
 // The primary thread and every fill worker build their agents with the same function.
+import { existsSync, readFileSync } from 'node:fs';
 import tls from 'node:tls';
 import { Agent } from 'undici';
 import type { RegistryPolicy, Timeouts } from '../../config/policy.ts';
@@ -64,8 +65,29 @@ export function preloadTrust(): void {
  * `ca` replaces the defaults, so they are listed explicitly. Read once per thread, on first use.
  */
 function defaultCas(): string[] {
-  cachedCas ??= [...new Set([...tls.getCACertificates('default'), ...tls.getCACertificates('system')])];
+  cachedCas ??= [...new Set([...tls.getCACertificates('default'), ...systemCas()])];
   return cachedCas;
+}
+
+/** A certificate in PEM. */
+const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----/g;
+
+/**
+ * The operating system's store. Elsewhere than macOS and Windows Node reads it as its OpenSSL does: every
+ * file in SSL_CERT_DIR (default /etc/ssl/certs) and the bundle SSL_CERT_FILE (default /etc/ssl/cert.pem).
+ * Where that directory is missing (an image without ca-certificates) Node prints "Cannot open directory
+ * ... to load OpenSSL certificates." on stderr, in plain text, in every thread: the logs would not be JSON
+ * lines. Then only the bundle is read, here.
+ */
+function systemCas(): string[] {
+  if (process.platform === 'darwin' || process.platform === 'win32') return tls.getCACertificates('system');
+  if (existsSync(process.env.SSL_CERT_DIR || '/etc/ssl/certs')) return tls.getCACertificates('system');
+  const bundle = process.env.SSL_CERT_FILE || '/etc/ssl/cert.pem';
+  try {
+    return readFileSync(bundle, 'latin1').match(PEM_CERTIFICATE) ?? [];
+  } catch {
+    return []; // no store at all: Node's roots and NODE_EXTRA_CA_CERTS only
+  }
 }
 
 /** The agents of one thread, by registry. */

@@ -1,9 +1,9 @@
-// The deployment files (Dockerfile, deploy/compose.yaml, deploy/kubernetes/) can only be read here: no
-// container engine or cluster runs on this machine. What they promise is checked as text and YAML: a
+// The deployment files (Dockerfile, deploy/compose.yaml, deploy/kubernetes/) read as text and YAML: a
 // non-root user, a read-only root filesystem, data on a volume at the data directory and the CA on one
-// of its own (compose, Kubernetes), port 3128, probes on /healthz, and a policy and environment the
-// proxy's own loader accepts.
-// test/e2e/container.test.ts runs the Dockerfile's command itself.
+// of its own (compose, Kubernetes), port 3128, probes on /healthz, a system trust store, build secrets
+// that stay out of the image, and a policy and environment the proxy's own loader accepts. No cluster
+// runs here; test/e2e/image.test.ts builds the Dockerfile with podman and runs the image as compose
+// does, and test/e2e/container.test.ts runs the Dockerfile's command on the host.
 import assert from 'node:assert/strict';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -127,6 +127,25 @@ describe('Dockerfile', () => {
     // directory's owner from the image, so it must be the proxy's user.
     const [user] = args('USER').slice(-1);
     assert.ok(args('RUN').some((r) => /\bmkdir\b.*\s\/ca\b/.test(r) && new RegExp(`chown ${user}\\b.*\\s/ca\\b`).test(r)), `/ca is made and given to ${user}`);
+  });
+
+  test('has a system trust store: ca-certificates in the final stage, without apt lists left behind', () => {
+    const install = args('RUN').find((r) => /\bapt-get install\b.*\bca-certificates\b/.test(r));
+    assert.ok(install, 'the final stage installs ca-certificates');
+    assert.match(install, /--no-install-recommends/);
+    assert.match(install, /rm -rf \/var\/lib\/apt\/lists/);
+  });
+
+  test('takes a build-time CA and .npmrc as secret mounts of the npm ci step, and keeps them nowhere else', () => {
+    const runs = stages.flat().filter((i) => i.keyword === 'RUN').map((i) => i.args);
+    const npmCi = runs.find((r) => /\bnpm ci\b/.test(r));
+    assert.match(npmCi ?? '', /--mount=type=secret,id=ca\b/);
+    assert.match(npmCi ?? '', /--mount=type=secret,id=npmrc,target=\/root\/\.npmrc\b/);
+    assert.match(npmCi ?? '', /NODE_EXTRA_CA_CERTS=\/run\/secrets\/ca\b/, 'the CA is added to Node\'s roots, not put in their place');
+    for (const instruction of stages.flat().filter((i) => i.args !== npmCi)) {
+      assert.ok(!/\/run\/secrets|\.npmrc/.test(instruction.args), `${instruction.keyword} ${instruction.args} touches no secret`);
+    }
+    assert.match(dockerfile, /podman build --format docker\b/, 'podman users are told to keep the HEALTHCHECK');
   });
 
   test('listens on 3128 and checks its health on /healthz', () => {

@@ -4,7 +4,12 @@
 // production packages only, package.json, proxy.yaml, all owned by root and read-only), and that command
 // runs as an unprivileged user configured by environment variables alone, as `docker run -e …` would,
 // with the CA on a volume of its own as deploy/compose.yaml and deploy/kubernetes mount it
-// (PULLTHROUGH_CA_DIR). A real registry is then pulled through it with skopeo.
+// (PULLTHROUGH_CA_DIR). A real registry is then pulled through it with skopeo. Its trust store is one
+// bundle file and no certificate directory (SSL_CERT_FILE, a missing SSL_CERT_DIR), as on a base image
+// without ca-certificates: the registry is trusted through that file, and the proxy still writes nothing
+// but JSON lines.
+// test/e2e/image.test.ts builds the real image with podman and runs it; this imitation stays because it
+// needs neither root nor podman and takes seconds, so every machine checks the image's command and layout.
 import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
 import { spawnSync } from 'node:child_process';
@@ -203,7 +208,8 @@ describe('the container image, run as its entrypoint would be', { skip }, () => 
       PULLTHROUGH_CA_DIR: caDir,
       PULLTHROUGH_LISTEN: `127.0.0.1:${port}`,
       REGISTRIES: registry.hostPort,
-      NODE_EXTRA_CA_CERTS: upstreamCa,
+      SSL_CERT_DIR: path.join(work, 'no-ssl-certs'),
+      SSL_CERT_FILE: upstreamCa,
     };
     const [command, ...args] = stage.command as [string, ...string[]];
     // --pdeathsig after the user change: a change of credentials clears the one spawnTracked sets.
@@ -271,10 +277,11 @@ describe('the container image, run as its entrypoint would be', { skip }, () => 
     assert.deepEqual(access().slice(3).map((e) => e.cache), ['HIT', 'HIT', 'HIT']);
   });
 
-  test('writes nothing outside its two volumes and stops cleanly on SIGTERM', async () => {
+  test('writes nothing outside its two volumes, only JSON lines to its logs, and stops cleanly on SIGTERM', async () => {
     const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
     child.kill('SIGTERM');
     assert.equal(await exited, 0, output);
+    for (const line of output.split('\n').filter((l) => l !== '')) assert.doesNotThrow(() => JSON.parse(line), `not a JSON line: ${line}`);
     assert.deepEqual(snapshot(app), appBefore, 'the application directory is unchanged');
     assert.deepEqual(readdirSync(tmpDir), [], 'nothing in TMPDIR');
     assert.deepEqual(readdirSync(path.join(work, 'home')), [], 'nothing in HOME');
