@@ -15,6 +15,8 @@ import { Fills } from './cache/fills.ts';
 import { openIndex } from './cache/index.ts';
 import { ManifestStore } from './cache/manifest-store.ts';
 import { createManifestHandler } from './registry/manifests.ts';
+import { createReferrersHandler } from './registry/referrers.ts';
+import { ReferrersStore } from './cache/referrers-store.ts';
 import { RateLimits } from './upstream/rate-limits.ts';
 import { createBlobHandler } from './registry/blobs.ts';
 import { createFront } from './listener.ts';
@@ -86,7 +88,8 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const manifestStore = new ManifestStore(index.root);
   const rateLimits = new RateLimits();
   const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, auth, readAccess, log });
-  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, auth, log });
+  const referrers = createReferrersHandler({ store: new ReferrersStore(index.root), upstreams, auth, readAccess, log });
+  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log });
   warnAboutSharedCredentials(policy, log);
   const sessions = new InterceptedSessions(ca, registryHandler, log);
   const listenHost = policy.listen.host;

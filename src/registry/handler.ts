@@ -14,6 +14,7 @@ import { describeUpstreamError, forward, requestHeadersForUpstream, responseHead
 import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { BlobHandler } from './blobs.ts';
 import { STALE_ON_STATUS, type ManifestHandler } from './manifests.ts';
+import { referrersFilter, type ReferrersHandler } from './referrers.ts';
 import { sendRegistryError } from './errors.ts';
 import { readAtMost } from '../upstream/body.ts';
 import { isRouteError, routeRequest, type Route, type RouteError } from './route.ts';
@@ -36,6 +37,7 @@ export interface RegistryHandlerDeps {
   blobs: BlobHandler;
   manifests: ManifestHandler;
   manifestStore: ManifestStore;
+  referrers: ReferrersHandler;
   auth: UpstreamAuth;
   log: Logger;
 }
@@ -109,6 +111,15 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       const result = await deps.manifests(req, res, { registry, upstream, hostHeader, name: route.name, reference: route.reference, byDigest: route.byDigest, ...(user ? { user } : {}) });
       log({ ...access, ...result, type: 'manifest', ms: elapsed(started) });
       return;
+    }
+    if (route.kind === 'referrers' && reading) {
+      // Another query (a page of a long list) goes through uncached.
+      const filter = referrersFilter(req.url ?? '/');
+      if (filter) {
+        const result = await deps.referrers(req, res, { registry, upstream, hostHeader, name: route.name, digest: route.digest, ...filter, ...(user ? { user } : {}) });
+        log({ ...access, ...result, type: 'referrers', ms: elapsed(started) });
+        return;
+      }
     }
     if (route.kind === 'ping' && reading) {
       const authorization = clientAuthorization(req) ? undefined : await deps.auth.centralBasic({ registry, upstream, hostHeader });
