@@ -12,31 +12,10 @@ import { blobFile, blobFiles, partFiles, waitFor } from '../helpers/cache-files.
 import { MiB } from '../helpers/cache-rig.ts';
 import { startFakeRegistry, writeCaFile, writeFlushed, type FakeBlob, type FakeRegistry } from '../helpers/fake-registry.ts';
 import { createTestCa } from '../helpers/pki.ts';
-import { makeTempDir, removeTempDir, spawnTracked, stopChild } from '../helpers/process.ts';
+import { makeTempDir, removeTempDir, stopChild } from '../helpers/process.ts';
+import { startChildProxy, type ChildProxy } from '../helpers/child-proxy.ts';
 
-const CLI = path.join(import.meta.dirname, '../../src/cli.ts');
 
-interface ChildProxy {
-  child: ChildProcess;
-  port: number;
-  output(): string;
-}
-
-/** `pullthrough start --config <file>`; resolves once it logs the port it listens on. */
-async function startChildProxy(configFile: string): Promise<ChildProxy> {
-  const child = spawnTracked(process.execPath, [CLI, 'start', '--config', configFile], { env: { PATH: process.env.PATH }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let output = '';
-  child.stdout!.on('data', (chunk: Buffer) => (output += chunk));
-  const port = await new Promise<number>((resolve, reject) => {
-    child.stderr!.on('data', (chunk: Buffer) => {
-      output += chunk;
-      const match = /"listen":"[^"]*:(\d+)"/.exec(output);
-      if (match) resolve(Number(match[1]));
-    });
-    child.once('exit', (code, signal) => reject(new Error(`the proxy exited (${code ?? signal}): ${output}`)));
-  });
-  return { child, port, output: () => output };
-}
 
 describe('kill -9 in the middle of 3 fills', () => {
   let work: string;

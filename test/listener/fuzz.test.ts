@@ -13,9 +13,9 @@ import { after, before, describe, test } from 'node:test';
 import tls from 'node:tls';
 import { startFakeRegistry, writeCaFile, type FakeRegistry } from '../helpers/fake-registry.ts';
 import { createTestCa } from '../helpers/pki.ts';
-import { makeTempDir, removeTempDir, spawnTracked, stopChild } from '../helpers/process.ts';
+import { makeTempDir, removeTempDir, stopChild } from '../helpers/process.ts';
+import { startChildProxy } from '../helpers/child-proxy.ts';
 
-const CLI = path.join(import.meta.dirname, '../../src/cli.ts');
 const BATCHES = 10;
 const PER_BATCH = 250;
 const CONCURRENCY = 48;
@@ -46,7 +46,7 @@ describe('fuzzing a running proxy', () => {
   let child: ChildProcess;
   let port = 0;
   let mirrorPort = 0;
-  let output = '';
+  let output = () => '';
   let caPem = '';
   let filesBefore: string[] = [];
   let blobDigest = '';
@@ -71,17 +71,11 @@ hosts:
   registry.test: 127.0.0.1
 `,
     );
-    child = spawnTracked(process.execPath, [CLI, 'start', '--config', configFile], { cwd: work, env: { PATH: process.env.PATH }, stdio: ['ignore', 'pipe', 'pipe'] });
-    child.stdout!.on('data', (chunk: Buffer) => (output += chunk));
-    [port, mirrorPort] = await new Promise<[number, number]>((resolve, reject) => {
-      child.stderr!.on('data', (chunk: Buffer) => {
-        output += chunk;
-        const proxyAt = /"message":"pullthrough is listening","listen":"[^"]*:(\d+)"/.exec(output);
-        const mirrorAt = /"message":"the registry mirror is listening","listen":"[^"]*:(\d+)"/.exec(output);
-        if (proxyAt && mirrorAt) resolve([Number(proxyAt[1]), Number(mirrorAt[1])]);
-      });
-      child.once('exit', (code, signal) => reject(new Error(`the proxy exited (${code ?? signal}): ${output}`)));
-    });
+    const started = await startChildProxy(configFile, { cwd: work, mirror: true });
+    child = started.child;
+    port = started.port;
+    mirrorPort = started.mirrorPort!;
+    output = () => started.output();
     caPem = readFileSync(path.join(work, 'data', 'ca.crt'), 'utf8');
     filesBefore = filesOutsideData();
   });
@@ -239,12 +233,12 @@ hosts:
         }
       });
       await Promise.all(runners);
-      assert.equal(child.exitCode, null, `batch ${batch} (seed ${seed}): the proxy exited: ${output.slice(-3000)}`);
+      assert.equal(child.exitCode, null, `batch ${batch} (seed ${seed}): the proxy exited: ${output().slice(-3000)}`);
       assert.equal(await healthz(), 200, `batch ${batch} (seed ${seed})`);
       assert.deepEqual(filesOutsideData(), filesBefore, `batch ${batch} (seed ${seed}): files written outside dataDir`);
     }
     // Every line it wrote is a JSON log line (nothing printed by a crash or a library on the way).
-    const lines = output.split('\n').filter(Boolean);
+    const lines = output().split('\n').filter(Boolean);
     const notJson = lines.filter((line) => {
       try {
         JSON.parse(line);
