@@ -1,8 +1,9 @@
 // Runs the benchmarks in perf/, one after the other, each in its own process (so that one benchmark's
 // heap, JIT state and leftovers cannot colour the next one's figures): blob-cold, blob-hit, blob-rss
 // (the blob cache: cold fills, hits, memory), manifest-hit (a cached tag at fixed request rates, beside
-// nginx), manifest-rollout (N clients pulling a new tag at once: what reaches the registry) and
-// passthrough (a blob forwarded without caching).
+// nginx), manifest-rollout (N clients pulling a new tag at once: what reaches the registry),
+// passthrough (a blob forwarded without caching) and mirror (cache hits through the registry-mirror
+// front beside the intercepting one).
 //
 //   node perf/run.ts                         every benchmark, default settings
 //   node perf/run.ts passthrough             only those named
@@ -10,9 +11,13 @@
 //
 // Leading arguments that do not start with "-" name benchmarks; everything from the first option on is
 // passed to every benchmark run (--size and --repeat are understood by all of them — manifest-hit and
-// manifest-rollout accept --size and ignore it —; --clients means a list in blob-hit and passthrough,
+// manifest-rollout accept --size and ignore it —; --clients means a list in blob-hit, passthrough and mirror,
 // one count in blob-cold, blob-rss and manifest-rollout, and is ignored by manifest-hit). A benchmark
 // is any perf/<name>.ts other than this file: a new file is registered by being there.
+//
+// event-loop: the proxy's event-loop delay (measured in its own process) while a made-up cache of
+// 100,000 blobs and 20,000 tags evicts, /healthz is polled every 100 ms and curl clients pull; there
+// --clients is one count and --size the size of every blob, made up or pulled.
 import { spawn } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';

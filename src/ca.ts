@@ -1,4 +1,4 @@
-// The proxy's certificate authority and the leaf certificates it mints per SNI name.
+// The proxy's certificate authority and the leaf certificates it mints for the intercepted hosts.
 //
 // forge builds the certificates (it speaks X.509), but its pure-JS RSA signing costs 27–42 ms a leaf;
 // signing the TBSCertificate with node:crypto costs ~0.6 ms. One leaf key pair serves every host, so a
@@ -15,7 +15,11 @@ const CA_LIFETIME_DAYS = 3650;
 const LEAF_LIFETIME_DAYS = 90;
 /** A leaf this close to expiry is minted again. */
 const LEAF_RENEW_BEFORE_MS = 7 * DAY;
-const MEMORY_CACHE_SIZE = 1000;
+/**
+ * Contexts held in memory, least recently used out first. Sessions ask only for the names the policy
+ * intercepts (src/session.ts), so this bounds a policy of more registries than that, never a client.
+ */
+const MEMORY_CACHE_SIZE = 256;
 
 /** Where minted leaf certificates persist across restarts (the LMDB index); optional. */
 export interface LeafStore {
@@ -96,7 +100,11 @@ export class CertificateAuthority {
     this.store = store;
   }
 
-  /** The TLS context for a name (DNS name or IP literal): from memory, else from the store, else minted. */
+  /**
+   * The TLS context for a name (DNS name or IP literal): from memory, else from the store, else minted
+   * and stored for good. Only for names the policy intercepts: every name asked for is a leaf in the
+   * index and, while held here, a metric label.
+   */
   secureContextFor(name: string): tls.SecureContext {
     const host = name.toLowerCase();
     const now = Date.now();
@@ -117,6 +125,7 @@ export class CertificateAuthority {
       }
     }
     const context = tls.createSecureContext({ cert: certPem + this.certPem, key: this.leafKeyPem });
+    this.contexts.delete(host); // a renewed leaf is the most recently used too
     this.contexts.set(host, { context, notAfter: new X509Certificate(certPem).validToDate.getTime() });
     if (this.contexts.size > MEMORY_CACHE_SIZE) this.contexts.delete(this.contexts.keys().next().value!);
     return context;

@@ -2,7 +2,7 @@
 // registry, type, cache status, bytes and upstream status, so the counters are fed from those entries
 // in one place; gauges read the live state (fills, cache, rate limits, certificates) at scrape time.
 // Fills run in worker threads but report to the primary, so one scrape shows the whole process.
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics, type LabelValues } from 'prom-client';
 import type { AccessEntry } from './log.ts';
 
 export interface LiveState {
@@ -23,6 +23,15 @@ export interface Metrics {
 
 /** Cache statuses whose bytes did not cost an upstream transfer. */
 const SAVED = new Set(['HIT', 'JOINED', 'STALE', 'REVALIDATED']);
+/**
+ * Registries labelled at once. An entry's host is the registry's key when a session or the mirror
+ * routed it, but the Host header of a plain-HTTP request the front refused: any text. Beyond this many
+ * the least recently seen registry's series go (a counter that comes back starts again from 0, which
+ * Prometheus reads as a reset).
+ */
+export const MAX_REGISTRY_LABELS = 256;
+/** A label value longer than this is cut (a Host header may be 32 KiB). */
+const MAX_LABEL_LENGTH = 253;
 
 export function createMetrics(live: LiveState): Metrics {
   const registry = new Registry();
@@ -61,18 +70,56 @@ export function createMetrics(live: LiveState): Metrics {
     },
   });
 
+  const series = new RegistrySeries(MAX_REGISTRY_LABELS);
   return {
     registry,
     observe(entry) {
       if (entry.method === 'CONNECT' || entry.type === 'admin') return;
-      const base = { registry: entry.host, type: entry.type ?? 'other', cache: entry.cache ?? 'BYPASS' };
-      requests.inc({ ...base, status: `${Math.floor(entry.status / 100)}xx` });
-      bytes.inc(base, entry.bytes);
-      if (SAVED.has(base.cache)) saved.inc({ registry: entry.host }, entry.bytes);
+      const host = entry.host.slice(0, MAX_LABEL_LENGTH);
+      const base = { registry: host, type: entry.type ?? 'other', cache: entry.cache ?? 'BYPASS' };
+      series.seen(host);
+      series.inc(requests, { ...base, status: `${Math.floor(entry.status / 100)}xx` });
+      series.inc(bytes, base, entry.bytes);
+      if (SAVED.has(base.cache)) series.inc(saved, { registry: host }, entry.bytes);
       const upstreamStatus = upstreamStatusOf(entry);
-      if (upstreamStatus !== undefined) upstream.inc({ registry: entry.host, status: String(upstreamStatus) });
+      if (upstreamStatus !== undefined) series.inc(upstream, { registry: host, status: String(upstreamStatus) });
     },
   };
+}
+
+/**
+ * The counters' series by registry, that registry least recently seen first: at most `max` registries
+ * are labelled, the oldest one's series are removed to make room for a new one.
+ */
+class RegistrySeries {
+  private readonly max: number;
+  /** Registry → counter → its label sets for that registry, by their JSON. */
+  private readonly byRegistry = new Map<string, Map<Counter<string>, Map<string, LabelValues<string>>>>();
+
+  constructor(max: number) {
+    this.max = max;
+  }
+
+  /** Marks a registry as the most recently seen, making room for it. */
+  seen(registry: string): void {
+    const known = this.byRegistry.get(registry);
+    this.byRegistry.delete(registry);
+    this.byRegistry.set(registry, known ?? new Map());
+    if (this.byRegistry.size <= this.max) return;
+    const [oldest, its] = this.byRegistry.entries().next().value!;
+    for (const [counter, labelSets] of its) for (const labels of labelSets.values()) counter.remove(labels);
+    this.byRegistry.delete(oldest);
+  }
+
+  /** Counts on a series of a registry already seen(). */
+  inc(counter: Counter<string>, labels: LabelValues<string> & { registry: string }, value = 1): void {
+    const its = this.byRegistry.get(labels.registry)!;
+    let labelSets = its.get(counter);
+    if (!labelSets) its.set(counter, (labelSets = new Map()));
+    const key = JSON.stringify(labels);
+    if (!labelSets.has(key)) labelSets.set(key, labels);
+    counter.inc(labels, value);
+  }
 }
 
 /**

@@ -158,6 +158,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     stats,
     async close() {
       await Promise.all([front.close(), mirror?.close()]);
+      sessions.close();
       await Promise.all([upstreams.close(), pool.close()]);
       await index.close();
     },

@@ -9,6 +9,12 @@ export interface RateLimit {
   updatedAt: number;
 }
 
+/**
+ * Registries whose budget is kept, the least recently reported forgotten first. Only registries the
+ * policy routes to report one, so this bounds a policy, not a client.
+ */
+export const MAX_RATE_LIMITED_REGISTRIES = 256;
+
 export class RateLimits {
   private readonly byRegistry = new Map<string, RateLimit>();
 
@@ -17,12 +23,14 @@ export class RateLimits {
     const remaining = parse(headers['ratelimit-remaining']);
     if (!limit && !remaining) return;
     const windowSeconds = remaining?.window ?? limit?.window;
+    this.byRegistry.delete(registry); // the most recently reported last
     this.byRegistry.set(registry, {
       ...(limit ? { limit: limit.value } : {}),
       ...(remaining ? { remaining: remaining.value } : {}),
       ...(windowSeconds !== undefined ? { windowSeconds } : {}),
       updatedAt: Date.now(),
     });
+    if (this.byRegistry.size > MAX_RATE_LIMITED_REGISTRIES) this.byRegistry.delete(this.byRegistry.keys().next().value!);
   }
 
   get(registry: string): RateLimit | undefined {

@@ -25,8 +25,17 @@ export type TokenResult =
 /** The spec's default lifetime when a token service does not say (60 s). */
 const DEFAULT_EXPIRES_IN_S = 60;
 export const MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024;
-/** Bound on cached tokens (one per registry, scope and identity in use). */
-const MAX_CACHED = 4096;
+/**
+ * Bound on cached tokens (one per registry, scope and identity in use; a scope names a repository, so
+ * clients choose the keys): the least recently used goes first.
+ */
+export const MAX_CACHED_TOKENS = 4096;
+/**
+ * Bound on exchanges under way at once (distinct keys; requests for the same token share one). Beyond
+ * it a request fails at once instead of queueing: a client naming ever new repositories cannot grow
+ * the map, nor send the token service more than this many requests at a time.
+ */
+export const MAX_EXCHANGES_IN_FLIGHT = 256;
 
 export class TokenExchange {
   private readonly cache = new Map<string, { token: string; expiresAt: number }>();
@@ -35,9 +44,18 @@ export class TokenExchange {
   async token(dispatcher: Dispatcher, request: TokenRequest): Promise<TokenResult> {
     const key = cacheKey(request);
     const cached = this.cache.get(key);
-    if (cached && cached.expiresAt > Date.now()) return { ok: true, ...cached };
+    if (cached) {
+      this.cache.delete(key);
+      if (cached.expiresAt > Date.now()) {
+        this.cache.set(key, cached); // the most recently used last
+        return { ok: true, ...cached };
+      }
+    }
     let pending = this.inflight.get(key);
     if (!pending) {
+      if (this.inflight.size >= MAX_EXCHANGES_IN_FLIGHT) {
+        return { ok: false, error: `${MAX_EXCHANGES_IN_FLIGHT} token exchanges are already under way; try again shortly` };
+      }
       pending = exchange(dispatcher, request).finally(() => this.inflight.delete(key));
       this.inflight.set(key, pending);
     }
@@ -45,9 +63,14 @@ export class TokenExchange {
     if (result.ok) {
       this.cache.delete(key);
       this.cache.set(key, { token: result.token, expiresAt: result.expiresAt });
-      if (this.cache.size > MAX_CACHED) this.cache.delete(this.cache.keys().next().value!);
+      if (this.cache.size > MAX_CACHED_TOKENS) this.cache.delete(this.cache.keys().next().value!);
     }
     return result;
+  }
+
+  /** Tokens cached and exchanges under way, for tests of the bounds. */
+  get sizes(): { cached: number; inFlight: number } {
+    return { cached: this.cache.size, inFlight: this.inflight.size };
   }
 
   /** A token the registry refused (expired early, revoked): the next request exchanges again. */
