@@ -175,15 +175,19 @@ export function mirrorTarget(url: URL, policy: Policy, mirror: MirrorPolicy): Mi
   const ns = url.searchParams.get('ns');
   let named: string | undefined;
   let path = rest;
+  const slash = rest.indexOf('/');
+  const first = slash < 0 ? rest : rest.slice(0, slash);
+  const firstNamesRegistry = looksLikeHost(first);
+  if (firstNamesRegistry) {
+    named = pathSegmentRegistry(first);
+    path = slash < 0 ? '' : rest.slice(slash + 1);
+  }
   if (ns !== null) {
-    named = ns;
-  } else {
-    const slash = rest.indexOf('/');
-    const first = slash < 0 ? rest : rest.slice(0, slash);
-    if (looksLikeHost(first)) {
-      named = pathSegmentRegistry(first);
-      path = slash < 0 ? '' : rest.slice(slash + 1);
+    // containerd with override_path (http://proxy:5000/v2/ghcr.io) sends both: the same registry twice.
+    if (firstNamesRegistry && mirrorRegistryKey(named!) !== mirrorRegistryKey(ns)) {
+      return { status: 400, code: 'NAME_INVALID', message: `?ns=${ns} and the path's registry ${first} disagree` };
     }
+    named = ns;
   }
   let registry: RegistryPolicy | undefined;
   if (named !== undefined) {

@@ -31,6 +31,11 @@ test('containerd: ?ns= names the registry; Docker Hub by any of its names', () =
   assert.equal(target('/v2/app/blobs/sha256:abc?ns=registry.example.com:5443'), 'registry.example.com:5443 /v2/app/blobs/sha256:abc');
 });
 
+test("containerd's override_path (http://proxy:5000/v2/ghcr.io) with ?ns=: the registry named twice, once used", () => {
+  assert.equal(target('/v2/ghcr.io/team/app/manifests/v1?ns=ghcr.io'), 'ghcr.io:443 /v2/team/app/manifests/v1');
+  assert.equal(target('/v2/ghcr.io/team/app/manifests/v1?ns=registry.example.com:5443'), '400 NAME_INVALID');
+});
+
 test('CRI-O and podman: the registry as the first path segment, its port after an underscore', () => {
   assert.equal(target('/v2/ghcr.io/team/app/manifests/v1'), 'ghcr.io:443 /v2/team/app/manifests/v1');
   assert.equal(target('/v2/registry.example.com_5443/app/tags/list'), 'registry.example.com:5443 /v2/app/tags/list');
