@@ -1,12 +1,27 @@
 // Sends a blob's bytes from a file to a client: a cached blob, or the growing .part file of a fill, in
-// which case it follows the fill's published offset. Until the fill's digest verifies, the last byte
-// is held back, so a client can never complete a download of bytes that turn out to be wrong.
+// which case it follows the fill's published offset. Until the fill's digest verifies, the last byte of
+// every answer is held back, whatever part of the blob the answer is (a Range too): a client can never
+// complete a download of bytes that turn out to be wrong.
 import type { FileHandle } from 'node:fs/promises';
 import type { ServerResponse } from 'node:http';
 import type { Fill } from './fills.ts';
 
-/** Reads of this size (64 KiB streams doubled the CPU per GiB). */
+/** Reads of at most this size (64 KiB streams doubled the CPU per GiB). */
 const READ_SIZE = 256 * 1024;
+/** The smallest read buffer (one TLS record): what is left of a small blob, or a read when the budget is spent. */
+const MIN_READ = 16 * 1024;
+/**
+ * Bytes read for all clients together and not yet taken by their sockets, above which a read takes
+ * MIN_READ: with very many clients at once each reads less per turn, so the memory does not grow as
+ * clients × READ_SIZE (reads in flight stay under IN_FLIGHT_BUDGET + clients × MIN_READ). A read is in
+ * flight until the socket took its bytes: for a client that reads slowly, until the kernel has room.
+ * With up to 128 clients at once each still reads READ_SIZE. Measured with 1,000 clients reading cached
+ * 4 MiB blobs (perf/blob-rss.ts --mode many): peak RSS 990 → 390 MiB, at 3.0 CPU-s/GiB instead of 1.4
+ * (more, smaller writes); with a budget of 4 MiB, 330 MiB at 4.8 CPU-s/GiB.
+ */
+const IN_FLIGHT_BUDGET = 32 * 1024 * 1024;
+/** Idle buffers kept for the next reads, at most this many bytes; the rest is left to the GC. */
+const MAX_IDLE = 8 * 1024 * 1024;
 
 export type PumpResult =
   | { kind: 'complete'; bytes: number }
@@ -19,28 +34,37 @@ export type PumpResult =
 
 /**
  * Writes bytes [start, end) of the file to `res` (end undefined: up to the fill's verified size). With
- * a fill, waits for bytes to be published. Never ends `res`: the caller decides how the response ends.
+ * a fill, waits for bytes to be published, and sends the last byte only once the blob verified. Never
+ * ends `res`: the caller decides how the response ends.
  */
 export async function pumpFile(res: ServerResponse, handle: FileHandle, start: number, end: number | undefined, fill?: Fill): Promise<PumpResult> {
   let position = start;
-  const buffers = new ReadBuffers();
-  let gone = res.destroyed;
-  const onClose = () => (gone = true);
-  res.once('close', onClose);
+  const sender = new Sender(res);
   try {
     for (;;) {
-      if (gone || res.destroyed) return { kind: 'gone', bytes: position - start };
-      const target = end ?? (fill ? (fill.verified ? fill.size : undefined) : undefined);
-      if (target !== undefined && position >= target) return { kind: 'complete', bytes: position - start };
-      const available = fill ? fill.published - (fill.verified ? 0 : 1) : Number.POSITIVE_INFINITY;
-      const limit = Math.min(available, target ?? Number.POSITIVE_INFINITY);
+      if (sender.gone) return { kind: 'gone', bytes: position - start };
+      const verified = !fill || fill.verified;
+      const target = end ?? (fill ? (verified ? fill.size : undefined) : undefined);
+      if (target !== undefined && position >= target && verified) return { kind: 'complete', bytes: position - start };
+      // What may go out now: what the fill has written, except the answer's last byte while unverified.
+      let limit = fill ? fill.published : Number.POSITIVE_INFINITY;
+      if (target !== undefined) limit = Math.min(limit, verified ? target : target - 1);
+      else if (!verified) limit -= 1; // the end is not known yet: any byte could be the last
       if (position < limit) {
-        const length = Math.min(READ_SIZE, limit - position);
-        const buffer = await buffers.next();
-        const { bytesRead } = await handle.read(buffer, 0, length, position);
-        if (bytesRead === 0) return { kind: 'cut', bytes: position - start, reason: 'the file is shorter than its index entry' };
+        const { buffer, length } = readBuffers.take(limit - position);
+        let bytesRead: number;
+        try {
+          ({ bytesRead } = await handle.read(buffer, 0, length, position));
+        } catch (err) {
+          readBuffers.give(buffer, length);
+          throw err;
+        }
+        if (bytesRead === 0) {
+          readBuffers.give(buffer, length);
+          return { kind: 'cut', bytes: position - start, reason: 'the file is shorter than its index entry' };
+        }
         position += bytesRead;
-        if (!buffers.write(res, buffer.subarray(0, bytesRead))) await drained(res);
+        await sender.send(buffer, bytesRead, length);
         continue;
       }
       const outcome = fill?.outcome;
@@ -52,40 +76,112 @@ export async function pumpFile(res: ServerResponse, handle: FileHandle, start: n
       await changed(fill, res);
     }
   } finally {
-    res.off('close', onClose);
+    sender.done();
   }
 }
 
 /**
- * Two read buffers per client, each reused once the response has let go of it (its write callback):
- * a fresh 1 MiB buffer per read became garbage at once, and the allocator and the GC made that the
- * largest part of the memory and ~0.3 CPU-s per GiB served.
+ * One client's writes of pooled buffers. A buffer goes back to the pool once the response has let go of
+ * it (its write callback; writes complete in order), or when the response is gone (a destroyed response
+ * calls back with an error, or not at all). Listeners and callbacks are made once per client, not per
+ * write: with 1,000 slow clients, what each write allocated lived long enough to fill the old heap.
  */
-class ReadBuffers {
-  private readonly buffers = [Buffer.allocUnsafeSlow(READ_SIZE), Buffer.allocUnsafeSlow(READ_SIZE)];
-  private readonly released: Array<Promise<void>> = [Promise.resolve(), Promise.resolve()];
-  private turn = 0;
+class Sender {
+  gone: boolean;
+  private readonly res: ServerResponse;
+  /** Written, not yet called back: oldest first, with the byte count each holds in the budget. */
+  private readonly pending: Array<{ buffer: Buffer; length: number }> = [];
+  private wake: (() => void) | undefined;
+  private readonly onWritten = () => {
+    const written = this.pending.shift();
+    if (written) readBuffers.give(written.buffer, written.length);
+    if (this.pending.length === 0) this.resume();
+  };
+  private readonly onClose = () => {
+    this.gone = true;
+    for (const { buffer, length } of this.pending.splice(0)) readBuffers.give(buffer, length);
+    this.resume();
+  };
 
-  /** The next buffer, once the write that last used it has completed. */
-  async next(): Promise<Buffer> {
-    this.turn ^= 1;
-    await this.released[this.turn];
-    return this.buffers[this.turn]!;
+  constructor(res: ServerResponse) {
+    this.res = res;
+    this.gone = res.destroyed;
+    res.once('close', this.onClose);
   }
 
-  /** Writes part of the current buffer; returns what res.write returned (false: wait for drain). */
-  write(res: ServerResponse, chunk: Buffer): boolean {
-    let release!: () => void;
-    this.released[this.turn] = new Promise((resolve) => (release = resolve));
-    // A destroyed response calls back with an error, or not at all: then nothing holds the buffer.
-    if (res.destroyed) release();
-    else res.once('close', release);
-    return res.write(chunk, () => {
-      res.off('close', release);
-      release();
-    });
+  /** Writes `bytes` of `buffer` (taken for `length`); resolves when the response can take more (or is gone). */
+  send(buffer: Buffer, bytes: number, length: number): Promise<void> | undefined {
+    if (this.gone || this.res.destroyed) {
+      readBuffers.give(buffer, length);
+      return undefined;
+    }
+    this.pending.push({ buffer, length });
+    if (this.res.write(buffer.subarray(0, bytes), this.onWritten)) return undefined;
+    // Over the response's high-water mark: on once every write is through (what 'drain' means).
+    if (this.pending.length === 0) return undefined;
+    return new Promise((resolve) => (this.wake = resolve));
+  }
+
+  /** The pump ended: writes still under way give their buffers back when called back, or at the close. */
+  done(): void {
+    if (this.pending.length === 0) this.res.off('close', this.onClose);
+  }
+
+  private resume(): void {
+    const wake = this.wake;
+    this.wake = undefined;
+    wake?.();
   }
 }
+
+/**
+ * The read buffers of every client, shared and reused: a fresh buffer per read became garbage at once,
+ * and the allocator and the GC made that the largest part of the memory and ~0.3 CPU-s per GiB served;
+ * two 256 KiB buffers per client (and the encrypted copy of each write) made 1,000 clients cost ~1 GiB.
+ * A read is sized to what is left to send (a 4 KiB config blob reads 4 KiB into a 16 KiB buffer), and
+ * smaller when the reads in flight of all clients together pass IN_FLIGHT_BUDGET.
+ */
+class ReadBufferPool {
+  /** Bytes read into buffers and not yet taken by their sockets (what IN_FLIGHT_BUDGET bounds). */
+  inFlight = 0;
+  private idleBytes = 0;
+  /** Idle buffers by size (each a power of two from MIN_READ to READ_SIZE). */
+  private readonly idle = new Map<number, Buffer[]>();
+
+  /** A buffer and how much to read into it, for a read of up to `wanted` bytes. */
+  take(wanted: number): { buffer: Buffer; length: number } {
+    let length = Math.min(wanted, READ_SIZE);
+    while (length > MIN_READ && this.inFlight + length > IN_FLIGHT_BUDGET) length = Math.max(MIN_READ, length >>> 1);
+    this.inFlight += length;
+    // The smallest idle buffer that holds it; a new one only when none does.
+    for (let size = classUp(length); size <= READ_SIZE; size *= 2) {
+      const buffer = this.idle.get(size)?.pop();
+      if (buffer) {
+        this.idleBytes -= size;
+        return { buffer, length };
+      }
+    }
+    return { buffer: Buffer.allocUnsafeSlow(classUp(length)), length };
+  }
+
+  give(buffer: Buffer, length: number): void {
+    this.inFlight -= length;
+    if (this.idleBytes + buffer.length > MAX_IDLE) return;
+    let list = this.idle.get(buffer.length);
+    if (!list) this.idle.set(buffer.length, (list = []));
+    list.push(buffer);
+    this.idleBytes += buffer.length;
+  }
+}
+
+/** The smallest buffer size (a power of two, MIN_READ…READ_SIZE) that holds `bytes`. */
+function classUp(bytes: number): number {
+  let size = MIN_READ;
+  while (size < bytes && size < READ_SIZE) size *= 2;
+  return size;
+}
+
+export const readBuffers = new ReadBufferPool();
 
 /** Resolves when `res` can take more, or is gone (a client that left never drains). */
 export function drained(res: ServerResponse): Promise<void> {

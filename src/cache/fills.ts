@@ -17,6 +17,12 @@ export interface FillRequest {
   path: string;
   headers: Record<string, string>;
   access: Access;
+  /**
+   * Whose rights the fill's upstream requests carry: a hash of the client's own credentials, or '' for
+   * the proxy's choice (central credentials, a token it got, anonymous). A refusal is about these rights
+   * only: a client with other credentials does not take it for its own.
+   */
+  identity: string;
   registry: string;
   repository: string;
   /**
@@ -34,6 +40,8 @@ export class Fill extends EventEmitter {
   access: Access;
   /** Where the blob is being fetched from (its cached entry will say so too). */
   readonly origin: { registry: string; repository: string };
+  /** FillRequest.identity: whose credentials upstream's answer is about. */
+  readonly identity: string;
   /** Set when upstream answered 200. */
   responded = false;
   size: number | undefined;
@@ -47,9 +55,10 @@ export class Fill extends EventEmitter {
   /** The fill's span, when tracing: the request spans of the clients that join it link to it. */
   spanContext: SpanContext | undefined;
 
-  constructor(digest: string, partPath: string, blobPath: string, access: Access, origin: { registry: string; repository: string }) {
+  constructor(digest: string, partPath: string, blobPath: string, access: Access, origin: { registry: string; repository: string }, identity = '') {
     super();
     this.origin = origin;
+    this.identity = identity;
     this.digest = digest;
     this.partPath = partPath;
     this.blobPath = blobPath;
@@ -63,6 +72,19 @@ export class Fill extends EventEmitter {
     return new Promise((resolve) => {
       const check = () => {
         if (!this.responded && !this.outcome) return;
+        this.off('update', check);
+        resolve();
+      };
+      this.on('update', check);
+    });
+  }
+
+  /** Resolves once the fill ended (its outcome is known). */
+  ended(): Promise<void> {
+    if (this.outcome) return Promise.resolve();
+    return new Promise((resolve) => {
+      const check = () => {
+        if (!this.outcome) return;
         this.off('update', check);
         resolve();
       };
@@ -117,7 +139,7 @@ export class Fills {
 
   /** Starts the fill; its span is a child of the active one (the request of the client that missed). */
   start(request: FillRequest): Fill {
-    const fill = new Fill(request.digest, this.store.partPath(request.digest), this.store.blobPath(request.digest), request.access, { registry: request.registry, repository: request.repository });
+    const fill = new Fill(request.digest, this.store.partPath(request.digest), this.store.blobPath(request.digest), request.access, { registry: request.registry, repository: request.repository }, request.identity);
     this.inflight.set(request.digest, fill);
     const span = tracer.startSpan('fill', { attributes: { 'pullthrough.digest': request.digest, 'pullthrough.registry': request.registry, 'pullthrough.repository': request.repository } });
     if (span.isRecording()) fill.spanContext = span.spanContext();
@@ -146,8 +168,9 @@ export class Fills {
       fill.apply(message);
       if (message.type === 'response') {
         if (span.isRecording()) span.setAttributes({ 'pullthrough.upstream.status': 200, 'pullthrough.hops': message.hops, 'pullthrough.upstream.url': message.from, ...(message.size !== undefined ? { 'pullthrough.size': message.size } : {}) });
-        // Room for what is coming, while it comes; the fills in flight are never evicted.
-        if (message.size !== undefined) void this.store.makeRoom(message.size, this.limits, new Set(this.inflight.keys())).catch(() => {});
+        // Room for what is coming, while it comes, and counted against maxSize until the fill ends (other
+        // fills make room for it too); the fills in flight are never evicted.
+        if (message.size !== undefined) void this.store.reserve(request.digest, message.size, this.limits, new Set(this.inflight.keys())).catch(() => {});
       }
       if (message.type === 'end') {
         port1.close(); // only after the task's last message
@@ -216,6 +239,7 @@ export class Fills {
       return;
     }
     settled();
+    this.store.release(request.digest);
     if (outcome.kind === 'failed') {
       if (outcome.writeError) this.log.warn('the cache cannot write; serving from upstream without caching', { ...where, error: outcome.reason });
       else this.log.warn(outcome.mismatch ? 'upstream sent bytes that do not match the digest: not cached, clients cut' : 'a blob fill failed', { ...where, error: outcome.reason });

@@ -1,14 +1,18 @@
 // GET and HEAD of /v2/<name>/blobs/<digest>: from the cache (HIT), by joining the fill in flight
 // (JOINED), or by starting the one fill every later client joins (MISS). One pipeline for GET, HEAD
-// and Range: HEAD is the same answer without the body.
+// and Range: HEAD is the same answer without the body. Whatever the source, an answer never ends cleanly
+// with bytes that are not verified: a fill's last byte waits for its digest, and a blob served straight
+// from upstream (BYPASS: no room, or the cache cannot write) is hashed on the way.
+import { createHash, type Hash } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { trace, type Context } from '@opentelemetry/api';
+import { trace, type Context, type Span } from '@opentelemetry/api';
 import type { Dispatcher } from 'undici';
 import type { ProxyUser, RegistryPolicy } from '../../config/policy.ts';
 import type { Access, BlobStore, CacheLimits } from '../cache/blob-store.ts';
 import { drained, pumpFile, type PumpResult } from '../cache/blob-reader.ts';
+import type { FillOutcome } from '../cache/fill-protocol.ts';
 import type { Fill, Fills } from '../cache/fills.ts';
 import type { CacheStatus, Logger } from '../log.ts';
 import { backoffMs, discard, guard, MAX_ATTEMPTS, positionAt } from '../upstream/body.ts';
@@ -19,7 +23,7 @@ import { contextWith, endSpan, startUpstreamSpan } from '../tracing.ts';
 import { sendRegistryError } from './errors.ts';
 import { parseRange } from './range.ts';
 import type { ReadAccess } from './read-access.ts';
-import type { AuthDecision, UpstreamAuth, UpstreamTarget } from './upstream-auth.ts';
+import { clientAuthorization, credentialHash, type AuthDecision, type UpstreamAuth, type UpstreamTarget } from './upstream-auth.ts';
 import type { Digest, RepositoryName } from './route.ts';
 
 export interface BlobRequest {
@@ -53,33 +57,55 @@ export interface BlobDeps {
 
 export type BlobHandler = (req: IncomingMessage, res: ServerResponse, blob: BlobRequest) => Promise<BlobResult>;
 
+/** Statuses of upstream that are about the rights of the credentials asked with (not shared with other credentials). */
+const REFUSALS = new Set([401, 403, 404]);
+/** Fills refused to others' credentials that a client waits out before it asks upstream for itself. */
+const MAX_FOREIGN_REFUSALS = 2;
+
 export function createBlobHandler(deps: BlobDeps): BlobHandler {
   return async (req, res, blob) => {
     const dispatcher = deps.upstreams.for(blob.upstream);
     const head = req.method === 'HEAD';
+    const identity = identityOf(req);
+    // Decided once, when first needed: a hit or a joiner of a fill that succeeds never waits for it.
+    let decided: Promise<AuthDecision> | undefined;
+    let decision: AuthDecision | undefined;
+    const decide = async () => (decision ??= await (decided ??= deps.auth.decide(req, targetOf(blob))));
+    const authorization = async () => (await decide()).authorization;
+    let roomMade = false;
+    let retried401 = false;
+    let foreignRefusals = 0;
 
-    const entry = deps.store.lookup(blob.digest);
-    if (entry) {
-      const refused = await refuseUnlessReadable(deps, { access: entry.access, origin: { registry: entry.registry, repository: entry.repository }, size: entry.size }, req, res, blob);
-      if (refused) return refused;
-      const opened = head ? undefined : await deps.store.open(blob.digest);
-      if (head || opened) {
-        if (!head) deps.store.touch(blob.digest, entry);
-        return serveFile(req, res, blob, { size: entry.size, mediaType: entry.mediaType, handle: opened?.handle, cache: 'HIT' });
+    for (;;) {
+      // Both the index and the in-flight map are looked at after the last await, and a fill starts in the
+      // same turn as the look that found neither: a fill that committed (or started) while this client
+      // waited for its token or for room is found, so clients around a commit never fetch twice.
+      const entry = deps.store.lookup(blob.digest);
+      if (entry) {
+        const refused = await refuseUnlessReadable(deps, { access: entry.access, origin: { registry: entry.registry, repository: entry.repository }, size: entry.size }, req, res, blob);
+        if (refused) return refused;
+        const opened = head ? undefined : await deps.store.open(blob.digest);
+        if (head || opened) {
+          if (!head) deps.store.touch(blob.digest, entry);
+          return serveFile(req, res, blob, { size: entry.size, mediaType: entry.mediaType, handle: opened?.handle, cache: 'HIT' });
+        }
+        continue; // evicted between the lookup and the open (and forgotten): a miss after all
       }
-      // Evicted between the lookup and the open: a miss after all.
-    }
-
-    if (head) return headFromUpstream(req, res, dispatcher, blob, deps.auth, await deps.auth.decide(req, targetOf(blob)));
-
-    let decision = await deps.auth.decide(req, targetOf(blob));
-    for (let attempt = 0; ; attempt++) {
-      if (!deps.fills.get(blob.digest) && !(await deps.store.makeRoom(0, deps.limits).catch(() => false))) {
-        deps.log.warn('the cache has no room (cache.minFree); serving from upstream without caching', { digest: blob.digest });
-        return fromUpstream(req, res, dispatcher, blob, 'BYPASS', decision.authorization);
-      }
-      // Looked up only now, after the last await: clients arriving together must all find the same fill.
       let fill = deps.fills.get(blob.digest);
+      if (!fill && head) return headFromUpstream(req, res, dispatcher, blob, deps.auth, await decide());
+      if (!fill && !decision) {
+        await decide();
+        continue;
+      }
+      if (!fill && !roomMade) {
+        roomMade = true;
+        if (!(await deps.store.makeRoom(0, deps.limits).catch(() => false))) {
+          deps.log.warn('the cache has no room (cache.minFree); serving from upstream without caching', { digest: blob.digest });
+          return fromUpstream(req, res, dispatcher, blob, 'BYPASS', await authorization());
+        }
+        continue;
+      }
+      if (head) return headFromUpstream(req, res, dispatcher, blob, deps.auth, await decide());
       let cache: CacheStatus = 'JOINED';
       if (fill) {
         fill.joined++;
@@ -88,35 +114,56 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
         const refused = await refuseUnlessReadable(deps, { access: fill.access, origin: fill.origin, size: fill.size }, req, res, blob);
         if (refused) return refused;
       } else {
+        const asked = decision!;
         fill = deps.fills.start({
           digest: blob.digest,
           upstream: blob.upstream,
           path: `/v2/${blob.name}/blobs/${blob.digest}`,
-          headers: fillHeaders(req, decision.authorization),
-          access: decision.access,
+          headers: fillHeaders(req, asked.authorization),
+          access: asked.access,
+          identity: asked.byProxy || asked.authorization === undefined ? '' : credentialHash(asked.authorization),
           registry: blob.upstream.key,
           repository: blob.name,
-          freshAuthorization: freshAuthorizations(deps.auth, targetOf(blob), decision),
+          freshAuthorization: freshAuthorizations(deps.auth, targetOf(blob), asked),
         });
         cache = 'MISS';
         if (fill.access === 'client') relabelIfPublic(deps, blob, fill);
       }
       await fill.responseReady();
-      // A token the proxy chose and the registry refused (expired, or a new challenge): once more.
       const outcome = fill.outcome;
-      if (attempt === 0 && !fill.responded && outcome?.kind === 'upstream-status' && outcome.status === 401 && decision.byProxy) {
-        const next = await deps.auth.retryAfter401(targetOf(blob), decision, outcome.headers['www-authenticate']);
-        if (next) {
-          decision = next;
+      if (!fill.responded && outcome?.kind === 'upstream-status') {
+        if (fill.identity !== identity && REFUSALS.has(outcome.status)) {
+          // A refusal of someone else's credentials (or of the proxy's, to a client with its own): not
+          // this client's answer. It fills (or joins a fill) with its own; after a few such refusals in a
+          // row it asks upstream for itself, verified, without the cache.
+          if (++foreignRefusals > MAX_FOREIGN_REFUSALS) return fromUpstream(req, res, dispatcher, blob, 'BYPASS', await authorization());
           continue;
         }
+        // A token the proxy chose and the registry refused (expired, or a new challenge): once more.
+        const own = await decide();
+        if (!retried401 && outcome.status === 401 && own.byProxy) {
+          retried401 = true;
+          const next = await deps.auth.retryAfter401(targetOf(blob), own, outcome.headers['www-authenticate']);
+          if (next) {
+            decision = next;
+            continue;
+          }
+        }
       }
-      return joinFill(req, res, dispatcher, blob, fill, cache, decision.authorization);
+      return joinFill(req, res, dispatcher, blob, fill, cache, authorization);
     }
   };
 }
 
-async function joinFill(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, fill: Fill, cache: CacheStatus, authorization: string | undefined): Promise<BlobResult> {
+async function joinFill(
+  req: IncomingMessage,
+  res: ServerResponse,
+  dispatcher: Dispatcher,
+  blob: BlobRequest,
+  fill: Fill,
+  cache: CacheStatus,
+  authorization: () => Promise<string | undefined>,
+): Promise<BlobResult> {
   await fill.responseReady();
   const outcome = fill.outcome;
   if (!fill.responded) {
@@ -127,15 +174,24 @@ async function joinFill(req: IncomingMessage, res: ServerResponse, dispatcher: D
       res.end(body);
       return { status: outcome.status, bytes: body.length, cache, upstreamStatus: outcome.status };
     }
-    if (outcome?.kind === 'failed' && outcome.writeError) return fromUpstream(req, res, dispatcher, blob, 'BYPASS', authorization);
+    if (outcome?.kind === 'failed' && outcome.writeError) return fromUpstream(req, res, dispatcher, blob, 'BYPASS', await authorization());
     const reason = outcome?.kind === 'failed' ? outcome.reason : 'the fill ended without an answer';
     sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${reason}`);
     return { status: 502, bytes: 0, cache, error: reason };
   }
-  const handle = await openGrowingFile(fill);
+  let handle = await openGrowingFile(fill);
+  if (!handle && !fill.outcome) {
+    // Neither the .part nor the blob, and no outcome yet: the task removed its .part (the digest did not
+    // match, upstream failed for good) or renamed it, and its last message is on the way. What it says
+    // decides; never around it to upstream unverified.
+    await fill.ended();
+    if (outcomeOf(fill)?.kind === 'committed') handle = await open(fill.blobPath, 'r').catch(() => undefined);
+  }
   if (!handle) {
-    const failed = fill.outcome?.kind === 'failed' && !fill.outcome.writeError ? fill.outcome.reason : undefined;
-    if (!failed) return fromUpstream(req, res, dispatcher, blob, 'BYPASS', authorization);
+    const ended = outcomeOf(fill);
+    const failed = ended?.kind === 'failed' && !ended.writeError ? ended.reason : ended?.kind === 'upstream-status' ? `upstream answered ${ended.status}` : undefined;
+    // The cache could not keep it (a write error, or evicted the moment it committed): verified from upstream.
+    if (!failed) return fromUpstream(req, res, dispatcher, blob, 'BYPASS', await authorization());
     sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${failed}`);
     return { status: 502, bytes: 0, cache, error: failed };
   }
@@ -169,42 +225,52 @@ interface FileSource {
   fill?: Fill;
   dispatcher?: Dispatcher;
   /** What the client's request sends upstream, should the rest of the blob have to come from there. */
-  authorization?: string | undefined;
+  authorization?: () => Promise<string | undefined>;
 }
 
 /** Status line and headers, then the bytes (none for HEAD), for a cached or growing blob. */
 async function serveFile(req: IncomingMessage, res: ServerResponse, blob: BlobRequest, source: FileSource): Promise<BlobResult> {
-  const { size, handle, cache } = source;
+  const { handle, cache } = source;
   try {
-    const headers: Record<string, string | number> = {
-      'Content-Type': source.mediaType ?? 'application/octet-stream',
-      'Docker-Content-Digest': blob.digest,
-      'Docker-Distribution-API-Version': 'registry/2.0',
-      ETag: `"${blob.digest}"`,
-      'Accept-Ranges': 'bytes',
-      'X-Cache': cache,
-    };
-    const range = size === undefined ? { kind: 'full' as const } : parseRange(req.headers.range, size);
-    if (range.kind === 'unsatisfiable') {
-      res.writeHead(416, { ...headers, 'Content-Range': `bytes */${size}`, 'Content-Length': 0 });
+    const answer = writeBlobHead(req, res, blob, source.size, source.mediaType, cache);
+    if (answer.status === 416 || req.method === 'HEAD' || !handle) {
       res.end();
-      return { status: 416, bytes: 0, cache };
+      return { status: answer.status, bytes: 0, cache };
     }
-    const start = range.kind === 'partial' ? range.start : 0;
-    const end = range.kind === 'partial' ? range.end : size;
-    if (end !== undefined) headers['Content-Length'] = end - start;
-    if (range.kind === 'partial') headers['Content-Range'] = `bytes ${start}-${end! - 1}/${size}`;
-    const status = range.kind === 'partial' ? 206 : 200;
-    res.writeHead(status, headers);
-    if (req.method === 'HEAD' || !handle) {
-      res.end();
-      return { status, bytes: 0, cache };
-    }
-    const pumped = await pumpFile(res, handle, start, end, source.fill);
-    return finishPump(req, res, blob, source, status, end, pumped);
+    // A fill's client has the status now, whatever its bytes wait for (a Range's last byte, the digest).
+    if (source.fill) res.flushHeaders();
+    const pumped = await pumpFile(res, handle, answer.start, answer.end, source.fill);
+    return await finishPump(req, res, blob, source, answer.status, answer.end, pumped);
   } finally {
     await handle?.close().catch(() => {});
   }
+}
+
+/**
+ * The status line and headers of a blob's bytes for the client's Range: 200, 206 with Content-Range, or
+ * 416 (nothing more to send). The same for a hit, a fill and a download straight from upstream.
+ */
+function writeBlobHead(req: IncomingMessage, res: ServerResponse, blob: BlobRequest, size: number | undefined, mediaType: string | undefined, cache: CacheStatus): { status: number; start: number; end: number | undefined } {
+  const headers: Record<string, string | number> = {
+    'Content-Type': mediaType ?? 'application/octet-stream',
+    'Docker-Content-Digest': blob.digest,
+    'Docker-Distribution-API-Version': 'registry/2.0',
+    ETag: `"${blob.digest}"`,
+    'Accept-Ranges': 'bytes',
+    'X-Cache': cache,
+  };
+  const range = size === undefined ? { kind: 'full' as const } : parseRange(req.headers.range, size);
+  if (range.kind === 'unsatisfiable') {
+    res.writeHead(416, { ...headers, 'Content-Range': `bytes */${size}`, 'Content-Length': 0 });
+    return { status: 416, start: 0, end: 0 };
+  }
+  const start = range.kind === 'partial' ? range.start : 0;
+  const end = range.kind === 'partial' ? range.end : size;
+  if (end !== undefined) headers['Content-Length'] = end - start;
+  if (range.kind === 'partial') headers['Content-Range'] = `bytes ${start}-${end! - 1}/${size}`;
+  const status = range.kind === 'partial' ? 206 : 200;
+  res.writeHead(status, headers);
+  return { status, start, end };
 }
 
 async function finishPump(req: IncomingMessage, res: ServerResponse, blob: BlobRequest, source: FileSource, status: number, end: number | undefined, pumped: PumpResult): Promise<BlobResult> {
@@ -220,7 +286,7 @@ async function finishPump(req: IncomingMessage, res: ServerResponse, blob: BlobR
       res.destroy();
       return { ...result, error: pumped.reason };
     case 'continue-upstream': {
-      const more = await continueFromUpstream(req, res, source.dispatcher!, blob, pumped.position, end, source.authorization);
+      const more = await continueFromUpstream(req, res, blob, source, pumped.position, end);
       return { ...result, bytes: pumped.bytes + more.bytes, cache: 'BYPASS', ...(more.error ? { error: more.error } : {}) };
     }
   }
@@ -228,67 +294,189 @@ async function finishPump(req: IncomingMessage, res: ServerResponse, blob: BlobR
 
 /**
  * The rest of a blob straight from upstream, after the response has started (the cache could not
- * write): from `position`, tried again from where it stopped (backoff, MAX_ATTEMPTS in all) when
- * upstream breaks off or answers anything but the range; the client is cut only when every attempt failed.
+ * write): bytes from `position` to `end` go to the client, and every byte of the blob is hashed (those
+ * the file holds from it, the rest from upstream), so the last byte goes out only once the digest matched.
  */
-async function continueFromUpstream(
+async function continueFromUpstream(req: IncomingMessage, res: ServerResponse, blob: BlobRequest, source: FileSource, position: number, end: number | undefined): Promise<{ bytes: number; error?: string }> {
+  const known = await hashFromFile(blob.digest, source.handle!, Math.min(position, source.fill?.published ?? 0));
+  const relay = new VerifyingRelay(res, blob.digest, known.hash, known.bytes, position, end ?? Number.POSITIVE_INFINITY, source.size);
+  return relayVerified(req, res, source.dispatcher!, blob, relay, undefined, await source.authorization?.());
+}
+
+/** A hash of the file's first `length` bytes (what the fill wrote and verified as it went); from 0 if the file cannot be read. */
+async function hashFromFile(digest: Digest, handle: FileHandle, length: number): Promise<{ hash: Hash; bytes: number }> {
+  const hash = createHash(algorithmOf(digest));
+  const buffer = Buffer.allocUnsafe(Math.min(length, 1024 * 1024));
+  try {
+    for (let at = 0; at < length; ) {
+      const { bytesRead } = await handle.read(buffer, 0, Math.min(buffer.length, length - at), at);
+      if (bytesRead === 0) throw new Error('short read');
+      hash.update(buffer.subarray(0, bytesRead));
+      at += bytesRead;
+    }
+    return { hash, bytes: length };
+  } catch {
+    return { hash: createHash(algorithmOf(digest)), bytes: 0 };
+  }
+}
+
+/**
+ * A blob's bytes from upstream to a client, verified: every byte from `at` on is hashed (the hash holds
+ * bytes [0, at) already), the client is sent those in [from, to), and the last piece it is sent waits
+ * until the whole blob's digest matched — so an answer never ends cleanly with bytes that are wrong,
+ * a Range included. The bytes may come in several bodies: each continues at `at`.
+ */
+class VerifyingRelay {
+  /** Bytes of the blob hashed so far: where the next upstream body must start. */
+  at: number;
+  /** Bytes written to the client. */
+  sent = 0;
+  private held: Buffer | undefined;
+  private readonly res: ServerResponse;
+  private readonly digest: Digest;
+  private readonly hash: Hash;
+  private readonly from: number;
+  private readonly to: number;
+  private readonly size: number | undefined;
+
+  constructor(res: ServerResponse, digest: Digest, hash: Hash, at: number, from: number, to: number, size: number | undefined) {
+    this.res = res;
+    this.digest = digest;
+    this.hash = hash;
+    this.at = at;
+    this.from = from;
+    this.to = to;
+    this.size = size;
+  }
+
+  /**
+   * Relays one upstream body: 'complete' once every byte of the blob is in (its announced size, or the
+   * body's end when none was announced), 'short' when the body ended before that, 'left' when the client
+   * has gone; throws on an upstream error.
+   */
+  async consume(body: AsyncIterable<Buffer>): Promise<'complete' | 'short' | 'left'> {
+    for await (const chunk of body) {
+      const piece = this.size !== undefined && this.at + chunk.length > this.size ? chunk.subarray(0, this.size - this.at) : chunk;
+      const base = this.at;
+      this.hash.update(piece);
+      this.at += piece.length;
+      const first = Math.max(base, this.from);
+      const last = Math.min(this.at, this.to);
+      if (first < last) {
+        // Held until the next piece comes: the newest piece may hold the answer's last byte.
+        const previous = this.held;
+        this.held = piece.subarray(first - base, last - base);
+        if (previous && !this.write(previous)) await drained(this.res);
+      }
+      if (this.res.destroyed) return 'left';
+      if (this.size !== undefined && this.at >= this.size) return 'complete';
+    }
+    return this.size === undefined ? 'complete' : 'short';
+  }
+
+  /** Every byte is in: the held piece and a clean end when the digest matches; a cut (and the reason) otherwise. */
+  finish(): string | undefined {
+    const actual = `${algorithmOf(this.digest)}:${this.hash.digest('hex')}`;
+    if (actual !== this.digest) {
+      this.res.destroy();
+      return `digest mismatch: upstream sent ${actual} for ${this.digest}`;
+    }
+    if (this.held) this.write(this.held);
+    this.held = undefined;
+    this.res.end();
+    return undefined;
+  }
+
+  private write(piece: Buffer): boolean {
+    this.sent += piece.length;
+    return this.res.write(piece);
+  }
+}
+
+/**
+ * Feeds upstream bodies to a relay until the blob is whole: `body` first (when given), then requests
+ * from `relay.at` on (backoff, MAX_ATTEMPTS in all) when upstream breaks off or answers anything but the
+ * bytes asked for. The client is cut when every attempt failed or the digest does not match.
+ */
+async function relayVerified(
   req: IncomingMessage,
   res: ServerResponse,
   dispatcher: Dispatcher,
   blob: BlobRequest,
-  position: number,
-  end: number | undefined,
+  relay: VerifyingRelay,
+  body: Dispatcher.ResponseData['body'] | undefined,
   authorization: string | undefined,
 ): Promise<{ bytes: number; error?: string }> {
-  let bytes = 0;
-  let error = '';
+  let error = 'upstream broke off';
   for (let attempt = 1; attempt <= MAX_ATTEMPTS; attempt++) {
     if (attempt > 1) await sleep(backoffMs(attempt - 1));
-    if (res.destroyed) return { bytes, error: 'the client left' };
-    const from = position + bytes;
-    const step = await continueOnce(req, res, dispatcher, blob, from, end, authorization);
-    bytes += step.bytes;
-    if (step.done) return step.error ? { bytes, error: step.error } : { bytes };
-    error = step.error ?? 'upstream broke off';
+    if (res.destroyed) return { bytes: relay.sent, error: 'the client left' };
+    let span: Span | undefined;
+    if (!body) {
+      const resumed = await requestFrom(req, dispatcher, blob, relay.at, authorization);
+      span = resumed.span;
+      if ('error' in resumed) {
+        error = resumed.error;
+        continue;
+      }
+      body = resumed.body;
+    }
+    const from = relay.at;
+    let step: 'complete' | 'short' | 'left' | undefined;
+    try {
+      step = await relay.consume(body);
+      if (step === 'short') error = `upstream ended at byte ${relay.at}`;
+    } catch (err) {
+      error = describeUpstreamError(err as Error);
+    }
+    discard(body);
+    body = undefined;
+    if (span) endSpan(span, { 'pullthrough.bytes': relay.at - from }, step === 'complete' || step === 'left' ? undefined : error);
+    if (step === 'left') return { bytes: relay.sent, error: 'the client left' };
+    if (step === 'complete') {
+      const mismatch = relay.finish();
+      return mismatch ? { bytes: relay.sent, error: mismatch } : { bytes: relay.sent };
+    }
   }
   res.destroy(); // no clean end: the client must not take these bytes for the blob
-  return { bytes, error: `${error} (${MAX_ATTEMPTS} attempts)` };
+  return { bytes: relay.sent, error: `${error} (${MAX_ATTEMPTS} attempts)` };
 }
 
-/** One upstream request for bytes [from, end) relayed to the client; `done` unless another attempt may help. */
-async function continueOnce(
+/** One upstream request for the blob from byte `from` on, positioned there (a 206, or a 200 with the first bytes skipped). */
+async function requestFrom(
   req: IncomingMessage,
-  res: ServerResponse,
   dispatcher: Dispatcher,
   blob: BlobRequest,
   from: number,
-  end: number | undefined,
   authorization: string | undefined,
-): Promise<{ bytes: number; done: boolean; error?: string }> {
+): Promise<{ span: Span; body: Dispatcher.ResponseData['body'] } | { span: Span; error: string }> {
   const span = startUpstreamSpan('GET', () => blobUrl(blob), { 'pullthrough.range.start': from });
-  const traced = (result: { bytes: number; done: boolean; error?: string }, status?: number) => {
-    endSpan(span, { 'pullthrough.bytes': result.bytes, ...(status !== undefined ? { 'http.response.status_code': status } : {}) }, result.error);
-    return result;
-  };
   let body: Dispatcher.ResponseData['body'] | undefined;
-  const relayed = { bytes: 0 };
   try {
-    const range = `bytes=${from}-${end === undefined ? '' : end - 1}`;
-    const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers: { ...fillHeaders(req, authorization), range }, trace: contextWith(span) });
+    const headers = { ...fillHeaders(req, authorization), ...(from > 0 ? { range: `bytes=${from}-` } : {}) };
+    const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers, trace: contextWith(span) });
     body = guard(response.body);
+    if (span.isRecording()) span.setAttribute('http.response.status_code', response.statusCode);
     if (!(await positionAt(response.statusCode, response.headers, response.body, from))) {
       discard(response.body);
-      return traced({ bytes: 0, done: false, error: `upstream could not continue at byte ${from} (${response.statusCode})` }, response.statusCode);
+      const error = `upstream could not continue at byte ${from} (${response.statusCode})`;
+      endSpan(span, {}, error);
+      return { span, error };
     }
-    const { left } = await relayBody(response.body, res, end === undefined ? Number.POSITIVE_INFINITY : end - from, relayed);
-    return traced(left ? { bytes: relayed.bytes, done: true, error: 'the client left' } : { bytes: relayed.bytes, done: true }, response.statusCode);
+    return { span, body: response.body };
   } catch (err) {
     if (body) discard(body);
-    return traced({ bytes: relayed.bytes, done: res.destroyed, error: describeUpstreamError(err as Error) });
+    const error = describeUpstreamError(err as Error);
+    endSpan(span, {}, error);
+    return { span, error };
   }
 }
 
-/** The whole answer from upstream, following redirects, without the cache (no room, or no file). */
+/**
+ * The blob from upstream, following redirects, without the cache (no room, or no file): verified like a
+ * fill (the last byte waits for the digest, a mismatch cuts the client), a Range answered from the whole
+ * blob's bytes. Upstream's refusals and errors pass through as they came.
+ */
 async function fromUpstream(req: IncomingMessage, res: ServerResponse, dispatcher: Dispatcher, blob: BlobRequest, cache: CacheStatus, authorization: string | undefined): Promise<BlobResult> {
   const span = startUpstreamSpan('GET', () => blobUrl(blob));
   const result = await fromUpstreamTraced(req, res, dispatcher, blob, cache, authorization, contextWith(span));
@@ -305,17 +493,48 @@ async function fromUpstreamTraced(
   authorization: string | undefined,
   parent: Context | undefined,
 ): Promise<BlobResult> {
+  let response: Dispatcher.ResponseData;
   try {
-    const headers = { ...fillHeaders(req, authorization), ...(req.headers.range ? { range: req.headers.range } : {}) };
-    const { response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers, trace: parent });
-    res.writeHead(response.statusCode, { ...responseHeadersForClient(response.headers), 'X-Cache': cache });
-    const { bytes, left } = await relayBody(response.body, res);
-    return { status: response.statusCode, bytes, cache, upstreamStatus: response.statusCode, ...(left ? { error: 'the client left' } : {}) };
+    // The whole blob, whatever the client's Range: only the whole can be verified.
+    ({ response } = await requestFollowingRedirects(dispatcher, blobUpstreamUrl(blob), { method: 'GET', headers: fillHeaders(req, authorization), trace: parent }));
   } catch (err) {
     const message = describeUpstreamError(err as Error);
     sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${message}`);
     return { status: 502, bytes: 0, cache, error: message };
   }
+  const upstreamStatus = response.statusCode;
+  guard(response.body);
+  if (upstreamStatus !== 200) {
+    if (upstreamStatus >= 200 && upstreamStatus < 300) {
+      discard(response.body);
+      const message = `upstream answered ${upstreamStatus} to a request for the whole blob`;
+      sendRegistryError(res, 502, 'UNAVAILABLE', `fetching ${blob.digest} from ${blob.upstream.origin} failed: ${message}`);
+      return { status: 502, bytes: 0, cache, upstreamStatus, error: message };
+    }
+    // Not the blob's bytes (a refusal, an error with its JSON body): passed on as it came.
+    res.writeHead(upstreamStatus, { ...responseHeadersForClient(response.headers), 'X-Cache': cache });
+    try {
+      const { bytes, left } = await relayBody(response.body, res);
+      return { status: upstreamStatus, bytes, cache, upstreamStatus, ...(left ? { error: 'the client left' } : {}) };
+    } catch (err) {
+      discard(response.body);
+      res.destroy();
+      return { status: upstreamStatus, bytes: 0, cache, upstreamStatus, error: describeUpstreamError(err as Error) };
+    }
+  }
+  const size = contentLength(response.headers['content-length']);
+  const mediaType = Array.isArray(response.headers['content-type']) ? response.headers['content-type'][0] : response.headers['content-type'];
+  const answer = writeBlobHead(req, res, blob, size, mediaType, cache);
+  if (answer.status === 416) {
+    discard(response.body);
+    res.end();
+    return { status: 416, bytes: 0, cache, upstreamStatus };
+  }
+  // The status now: the bytes of a small Range may wait for the whole blob to verify.
+  res.flushHeaders();
+  const relay = new VerifyingRelay(res, blob.digest, createHash(algorithmOf(blob.digest)), 0, answer.start, answer.end ?? Number.POSITIVE_INFINITY, size);
+  const relayed = await relayVerified(req, res, dispatcher, blob, relay, response.body, authorization);
+  return { status: answer.status, bytes: relayed.bytes, cache, upstreamStatus, ...(relayed.error ? { error: relayed.error } : {}) };
 }
 
 /** A cached or filling blob goes only to a client that may read it (R6); others get upstream's refusal. */
@@ -416,12 +635,32 @@ async function relayBody(body: AsyncIterable<Buffer>, res: ServerResponse, limit
   return { bytes: progress.bytes, left: false };
 }
 
+function contentLength(value: string | string[] | undefined): number | undefined {
+  const text = Array.isArray(value) ? value[0] : value;
+  return text !== undefined && /^\d+$/.test(text) ? Number(text) : undefined;
+}
+
+function algorithmOf(digest: Digest): 'sha256' | 'sha512' {
+  return digest.startsWith('sha512:') ? 'sha512' : 'sha256';
+}
+
+/** Whose rights an upstream refusal would be about: the client's own credentials, or none (the proxy's choice). */
+function identityOf(req: IncomingMessage): string {
+  const own = clientAuthorization(req);
+  return own ? credentialHash(own) : '';
+}
+
 /** What a fill sends upstream on behalf of its first client: the Authorization decided for it. */
 function fillHeaders(req: IncomingMessage, authorization: string | undefined): Record<string, string> {
   const headers: Record<string, string> = {};
   if (authorization) headers.authorization = authorization;
   if (req.headers['user-agent']) headers['user-agent'] = req.headers['user-agent'];
   return headers;
+}
+
+/** What the fill ended with so far (read anew after an await). */
+function outcomeOf(fill: Fill): FillOutcome | undefined {
+  return fill.outcome;
 }
 
 /** The growing file, or the committed blob when the fill finished in between; undefined if neither. */
