@@ -81,13 +81,20 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const pool = createWorkerPool(log, policy.workers);
   const store = new BlobStore(policy.dataDir, index.root, log);
   await store.start();
-  const fills = new Fills(pool, store, policy.cache, log);
+  // metrics is set below, before any fill can run.
+  const fills = new Fills(pool, store, policy.cache, log, {
+    ended: (registry, outcome) => {
+      metrics?.fillEnded(registry, outcome);
+      stats.fillEnded(outcome);
+    },
+    retried: (registry, offset) => metrics?.fillRetried(registry, offset),
+  });
   const auth = new UpstreamAuth(new TokenExchange(), upstreams, log);
   const readAccess = new ReadAccess(auth, upstreams, policy.cache.readCheckTtlMs, policy.users.size > 0);
   const blobs = createBlobHandler({ store, fills, upstreams, auth, readAccess, limits: policy.cache, log });
   const manifestStore = new ManifestStore(index.root);
   const rateLimits = new RateLimits();
-  const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, auth, readAccess, log });
+  const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, auth, readAccess, log, digestMismatch: (registry) => metrics?.digestMismatch(registry, 'manifest') });
   const referrers = createReferrersHandler({ store: new ReferrersStore(index.root), upstreams, auth, readAccess, log });
   const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log });
   warnAboutSharedCredentials(policy, log);

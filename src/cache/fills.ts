@@ -115,14 +115,22 @@ export class Fill extends EventEmitter {
   }
 }
 
+/** What the metrics and the dashboard hear of fills. */
+export interface FillEvents {
+  ended(registry: string, outcome: FillOutcome): void;
+  retried(registry: string, offset: number): void;
+}
+
 export class Fills {
+  private readonly events: FillEvents | undefined;
   private readonly inflight = new Map<string, Fill>();
   private readonly pool: WorkerPool;
   private readonly store: BlobStore;
   private readonly limits: CacheLimits;
   private readonly log: Logger;
 
-  constructor(pool: WorkerPool, store: BlobStore, limits: CacheLimits, log: Logger) {
+  constructor(pool: WorkerPool, store: BlobStore, limits: CacheLimits, log: Logger, events?: FillEvents) {
+    this.events = events;
     this.pool = pool;
     this.store = store;
     this.limits = limits;
@@ -150,6 +158,7 @@ export class Fills {
         return;
       }
       if (message.type === 'retry') {
+        this.events?.retried(request.registry, message.offset);
         // What was tried and why it failed, never a header value (a token, a signed URL's query).
         this.log.warn('a blob fill tries upstream again', {
           digest: request.digest,
@@ -203,6 +212,7 @@ export class Fills {
   }
 
   private finish(request: FillRequest, fill: Fill, outcome: FillOutcome, span: Span, resumes?: number): void {
+    this.events?.ended(request.registry, outcome);
     endSpan(
       span,
       {

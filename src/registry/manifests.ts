@@ -62,6 +62,8 @@ export interface ManifestDeps {
   auth: UpstreamAuth;
   readAccess: ReadAccess;
   log: Logger;
+  /** Told of a manifest whose bytes did not match its digest (the metrics count them). */
+  digestMismatch?: (registry: string) => void;
 }
 
 export type ManifestHandler = (req: IncomingMessage, res: ServerResponse, manifest: ManifestRequest) => Promise<ManifestResult>;
@@ -273,7 +275,7 @@ async function confirm(asking: Asking, digest: string): Promise<Confirmation> {
   await response.body.dump();
   endSpan(span, { 'http.response.status_code': response.statusCode });
   const upstreamMs = Math.round(performance.now() - started);
-  deps.rateLimits.record(request.registry.key, response.headers);
+  deps.rateLimits.record(request.registry.key, response.headers, decision.access);
   if (response.statusCode === 200) {
     const current = response.headers['docker-content-digest'];
     if (current === digest) return { kind: 'same', upstreamMs };
@@ -308,7 +310,7 @@ async function fetchAndStore(asking: Asking, method: 'GET' | 'HEAD'): Promise<Fl
     return { kind: 'failed', error };
   }
   const upstreamMs = Math.round(performance.now() - started);
-  deps.rateLimits.record(request.registry.key, response.headers);
+  deps.rateLimits.record(request.registry.key, response.headers, decision.access);
   let body: Buffer | undefined;
   try {
     body = await readAtMost(response.body, MAX_MANIFEST_BYTES);
@@ -331,6 +333,7 @@ async function fetchAndStore(asking: Asking, method: 'GET' | 'HEAD'): Promise<Fl
   const expected = request.byDigest ? request.reference : typeof announced === 'string' && parseDigest(announced) ? announced : digestOf(body, 'sha256');
   const actual = digestOf(body, expected.startsWith('sha512:') ? 'sha512' : 'sha256');
   if (actual !== expected) {
+    deps.digestMismatch?.(request.registry.key);
     const message = `upstream sent a manifest whose digest is ${actual}, not ${expected}: not cached`;
     deps.log.warn(message, { registry: request.registry.key, repository: request.name, reference: request.reference });
     return { kind: 'invalid', status: 502, code: 'MANIFEST_INVALID', message, upstreamStatus: 200, upstreamMs };
