@@ -1,7 +1,7 @@
 // The effective policy as YAML for `check-config`: every default filled in, every secret masked.
 import type { MirrorPolicy } from './mirror.ts';
 import { stringify } from 'yaml';
-import type { ManifestPolicy, Policy, Timeouts } from './policy.ts';
+import { proxyUrlForDisplay, type ManifestPolicy, type Policy, type Timeouts, type UpstreamProxy } from './policy.ts';
 import { formatDuration, formatSize } from './units.ts';
 
 const MASK = '********';
@@ -34,6 +34,7 @@ export function describePolicy(policy: Policy): string {
           : {}),
         timeouts: timeouts(r.timeouts),
         manifests: manifests(r.manifests),
+        ...upstreamProxy(r.upstreamProxy),
       },
     ]),
   );
@@ -44,7 +45,12 @@ export function describePolicy(policy: Policy): string {
     caDir: policy.caDir,
     cache: { maxSize: formatSize(policy.cache.maxSize), minFree: formatSize(policy.cache.minFree), readCheckTtl: formatDuration(policy.cache.readCheckTtlMs) },
     manifests: manifests(policy.manifests),
-    defaults: { push: policy.defaults.push, tls: { verify: policy.defaults.tlsVerify }, timeouts: timeouts(policy.defaults.timeouts) },
+    defaults: {
+      push: policy.defaults.push,
+      tls: { verify: policy.defaults.tlsVerify },
+      timeouts: timeouts(policy.defaults.timeouts),
+      ...upstreamProxy(policy.defaults.upstreamProxy),
+    },
     registries,
     tunnel: {
       allow: policy.tunnel.allow,
@@ -61,6 +67,20 @@ export function describePolicy(policy: Policy): string {
     workers: policy.workers,
   };
   return stringify(effective, { lineWidth: 0 });
+}
+
+/**
+ * upstreamProxy as configured (`none`, `env`, or the URL with its password masked); with `env`, what
+ * the environment gave (environmentProxy); noProxy with NO_PROXY's entries when they apply.
+ */
+function upstreamProxy(proxy: UpstreamProxy | undefined): Record<string, unknown> {
+  if (!proxy) return { upstreamProxy: 'none', noProxy: [] };
+  const shown = (url: string | undefined) => (url ? proxyUrlForDisplay(url, MASK) : 'none');
+  return {
+    upstreamProxy: proxy.mode === 'url' ? shown(proxy.https) : proxy.mode,
+    ...(proxy.mode === 'env' ? { environmentProxy: { https: shown(proxy.https), http: shown(proxy.http) } } : {}),
+    noProxy: [...proxy.noProxy, ...(proxy.mode === 'env' ? (proxy.environmentNoProxy ?? []) : [])],
+  };
 }
 
 /** The mirror front as it will run: plain HTTP or the TLS it has, and where unnamed requests go. */

@@ -4,9 +4,11 @@ import { parseMirror } from './mirror.ts';
 import { existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { LineCounter, parseDocument } from 'yaml';
+import { isSeq, LineCounter, parseDocument } from 'yaml';
 import {
+  parseNoProxyPattern,
   parseTunnelPattern,
+  proxyUrlForDisplay,
   registryKey,
   type Credentials,
   type Listen,
@@ -15,6 +17,7 @@ import {
   type ProxyUser,
   type RegistryPolicy,
   type Timeouts,
+  type UpstreamProxy,
 } from './policy.ts';
 import { DEFAULT_TIMEOUTS, defaultManifestPolicy } from './defaults.ts';
 import { applySeedEnvironment } from './seed-env.ts';
@@ -51,7 +54,12 @@ export function loadPolicy(options: LoadOptions = {}): Policy {
     const value = env[name];
     if (value) tierRegex(value, (m) => { throw new ConfigError(`${name}="${value}": ${m}`); });
   }
+  const fromFile = new Set(policy.registries.keys());
   applySeedEnvironment(policy, env);
+  // The registries the seed's variables added take the defaults' upstream proxy, as every other key's default.
+  for (const registry of policy.registries.values()) {
+    if (!fromFile.has(registry.key)) registry.upstreamProxy ??= policy.defaults.upstreamProxy;
+  }
   linkTokenServices(policy);
   if (env.PULLTHROUGH_ADMIN_TOKEN) policy.admin.token = adminToken(env.PULLTHROUGH_ADMIN_TOKEN, (m) => { throw new ConfigError(`PULLTHROUGH_ADMIN_TOKEN: ${m}`); });
   if (env.PULLTHROUGH_LISTEN) policy.listen = parseListen(env.PULLTHROUGH_LISTEN, (m) => { throw new ConfigError(`PULLTHROUGH_LISTEN: ${m}`); });
@@ -82,12 +90,13 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
 
   const cache = at('cache').entries(['maxSize', 'minFree', 'readCheckTtl']);
   const manifests = parseManifests(at('manifests'), defaultManifestPolicy());
-  const defaultsMap = at('defaults').entries(['push', 'timeouts', 'tls']);
+  const defaultsMap = at('defaults').entries(['push', 'timeouts', 'tls', 'upstreamProxy', 'noProxy']);
   const defaultTls = (defaultsMap.get('tls') ?? new Cursor(null, 'defaults.tls', src)).entries(['verify']);
   const defaults = {
     push: defaultsMap.get('push')?.oneOf(['deny', 'bypass'] as const) ?? 'deny',
     timeouts: parseTimeouts(defaultsMap.get('timeouts'), { ...DEFAULT_TIMEOUTS }),
     tlsVerify: defaultTls.get('verify')?.boolean() ?? true,
+    upstreamProxy: parseUpstreamProxy(defaultsMap.get('upstreamProxy'), defaultsMap.get('noProxy'), DIRECT, env),
   };
 
   const dataDir = resolvePath(at('dataDir').present ? at('dataDir').string() : './data');
@@ -254,7 +263,7 @@ function parseRegistry(name: string, cursor: Cursor, policy: Policy, resolvePath
   const match = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?$/.exec(name);
   const port = match?.[2] ? Number(match[2]) : 443;
   if (!match || port < 1 || port > 65535) cursor.fail(`"${name}" is not a host or host:port`);
-  const fields = cursor.entries(['auth', 'tls', 'push', 'http', 'timeouts', 'manifests']);
+  const fields = cursor.entries(['auth', 'tls', 'push', 'http', 'timeouts', 'manifests', 'upstreamProxy', 'noProxy']);
   const tls = (fields.get('tls') ?? new Cursor(null, `${cursor.path}.tls`, cursor.source)).entries(['ca', 'verify']);
   const caFile = tls.get('ca')?.present ? resolvePath(tls.get('ca')!.string()) : undefined;
   let caPem: string | undefined;
@@ -277,6 +286,7 @@ function parseRegistry(name: string, cursor: Cursor, policy: Policy, resolvePath
     push: fields.get('push')?.oneOf(['deny', 'bypass'] as const) ?? policy.defaults.push,
     timeouts: parseTimeouts(fields.get('timeouts'), policy.defaults.timeouts),
     manifests: parseManifests(fields.get('manifests') ?? new Cursor(null, '', cursor.source), policy.manifests),
+    upstreamProxy: parseUpstreamProxy(fields.get('upstreamProxy'), fields.get('noProxy'), policy.defaults.upstreamProxy, cursor.source.env),
   };
   const auth = fields.get('auth');
   if (auth?.present) {
@@ -320,11 +330,106 @@ export function linkTokenServices(policy: Policy): void {
     if (key === registry.key) continue;
     let realm = policy.registries.get(key);
     if (!realm) {
-      realm = { key, host, port, http: false, tokenServiceFor: [], tls: { ...registry.tls }, push: 'deny', timeouts: registry.timeouts, manifests: registry.manifests };
+      realm = {
+        key,
+        host,
+        port,
+        http: false,
+        tokenServiceFor: [],
+        tls: { ...registry.tls },
+        push: 'deny',
+        timeouts: registry.timeouts,
+        manifests: registry.manifests,
+        ...(registry.upstreamProxy ? { upstreamProxy: registry.upstreamProxy } : {}),
+      };
       policy.registries.set(key, realm);
     }
     if (!realm.tokenServiceFor.includes(registry.key)) realm.tokenServiceFor.push(registry.key);
   }
+}
+
+const DIRECT: UpstreamProxy = { mode: 'none', noProxy: [] };
+
+/**
+ * upstreamProxy and noProxy, of defaults or of a registry: each one not set is inherited (as written:
+ * a registry that names its own proxy but no noProxy keeps the defaults' list). Without either the
+ * inherited object itself is returned.
+ */
+function parseUpstreamProxy(proxyCursor: Cursor | undefined, noProxyCursor: Cursor | undefined, inherited: UpstreamProxy, env: NodeJS.ProcessEnv): UpstreamProxy {
+  if (!proxyCursor?.present && !noProxyCursor?.present) return inherited;
+  const noProxy = noProxyCursor?.present ? parseNoProxyList(noProxyCursor) : inherited.noProxy;
+  if (!proxyCursor?.present) return { ...inherited, noProxy };
+  const text = proxyCursor.string().trim();
+  if (text === '' || text === 'none') return { mode: 'none', noProxy };
+  if (text === 'env') return { mode: 'env', ...proxiesFromEnvironment(env), noProxy };
+  const url = parseProxyUrl(text, (m) => proxyCursor.fail(m));
+  return { mode: 'url', https: url, http: url, noProxy };
+}
+
+/**
+ * `upstreamProxy: env`: the proxy's own environment as undici's EnvHttpProxyAgent reads it — the
+ * lower-case variable first; https:// origins use HTTPS_PROXY, else HTTP_PROXY; http:// ones HTTP_PROXY;
+ * NO_PROXY's entries are direct. Read once, here, so that every worker thread goes the same way and
+ * check-config shows it.
+ */
+function proxiesFromEnvironment(env: NodeJS.ProcessEnv): Pick<UpstreamProxy, 'https' | 'http' | 'environmentNoProxy'> {
+  const variable = (name: string) => {
+    for (const spelling of [name.toLowerCase(), name]) {
+      const value = env[spelling]?.trim();
+      if (value) return { spelling, value };
+    }
+    return undefined;
+  };
+  const fromVariable = (found: { spelling: string; value: string } | undefined) =>
+    found ? parseProxyUrl(found.value, (m) => { throw new ConfigError(`${found.spelling} (upstreamProxy: env): ${m}`); }) : undefined;
+  const http = fromVariable(variable('HTTP_PROXY'));
+  const https = fromVariable(variable('HTTPS_PROXY')) ?? http;
+  const noProxyVariable = variable('NO_PROXY');
+  const environmentNoProxy = noProxyVariable ? splitNoProxy(noProxyVariable.value) : [];
+  for (const entry of environmentNoProxy) {
+    const parsed = parseNoProxyPattern(entry);
+    if ('error' in parsed) throw new ConfigError(`${noProxyVariable!.spelling} (upstreamProxy: env): ${parsed.error}`);
+  }
+  return { ...(https ? { https } : {}), ...(http ? { http } : {}), environmentNoProxy };
+}
+
+/**
+ * A forward proxy's URL: http:// or https://, with user:password@ when it wants credentials (the
+ * characters / ? # @ : in them percent-encoded); "host:port" alone means http://host:port. Messages
+ * never repeat the password.
+ */
+function parseProxyUrl(text: string, fail: (message: string) => never): string {
+  const shown = proxyUrlForDisplay(text);
+  const examples = '(examples: http://proxy.corp.example:3128, https://user:${PROXY_PASSWORD}@proxy.corp.example:3129, env, none)';
+  let url: URL;
+  try {
+    url = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(text) ? text : `http://${text}`);
+  } catch {
+    return fail(`"${shown}" is not a proxy URL ${examples}`);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') fail(`"${proxyUrlForDisplay(url.href)}": a forward proxy is reached over http:// or https://, not ${url.protocol}`);
+  if (!url.hostname || (url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) fail(`"${proxyUrlForDisplay(url.href)}" is not a proxy URL: scheme, optional user:password@, host and port only ${examples}`);
+  if (url.password && !url.username) fail(`"${proxyUrlForDisplay(url.href)}": a password needs a user name before it`);
+  try {
+    decodeURIComponent(url.username + url.password);
+  } catch {
+    fail(`"${proxyUrlForDisplay(url.href)}": a % in the user name or password starts no valid escape (write % as %25)`);
+  }
+  return `${url.protocol}//${url.username ? `${url.username}${url.password ? `:${url.password}` : ''}@` : ''}${url.host}`;
+}
+
+/** A YAML list, or one string of entries separated by commas or spaces (as NO_PROXY is: `noProxy: ${NO_PROXY}`). */
+function parseNoProxyList(cursor: Cursor): string[] {
+  const entries = isSeq(cursor.node) ? cursor.items().map((item) => ({ item, text: item.string().trim() })) : splitNoProxy(cursor.string()).map((text) => ({ item: cursor, text }));
+  for (const { item, text } of entries) {
+    const parsed = parseNoProxyPattern(text);
+    if ('error' in parsed) item.fail(parsed.error);
+  }
+  return entries.map((e) => e.text);
+}
+
+function splitNoProxy(text: string): string[] {
+  return text.split(/[\s,]+/).filter(Boolean);
 }
 
 function readPassword(owner: Cursor, password: Cursor | undefined, passwordFile: Cursor | undefined, resolvePath: (p: string) => string): string {

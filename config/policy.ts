@@ -42,6 +42,26 @@ export interface Credentials {
 
 export type PushMode = 'deny' | 'bypass';
 
+/**
+ * The forward proxy the proxy's own upstream traffic goes through (R2.4): requests to the registry,
+ * its token service and the hosts its redirects lead to (CDNs), each host judged by its own name.
+ */
+export interface UpstreamProxy {
+  /** As configured: `none` (direct), `env` (the proxy's own HTTPS_PROXY/HTTP_PROXY/NO_PROXY), or a URL. */
+  mode: 'none' | 'env' | 'url';
+  /**
+   * The forward proxy for https:// origins (a CONNECT tunnel, TLS to the upstream inside it) and for
+   * http:// ones (absolute-form requests): "http(s)://[user:password@]host:port", credentials included
+   * (proxyUrlForDisplay masks them). Absent: that kind of origin is reached directly.
+   */
+  https?: string;
+  http?: string;
+  /** noProxy as written (a registry without its own inherits the defaults'); parseNoProxyPattern reads each. */
+  noProxy: string[];
+  /** With mode `env`: the entries of NO_PROXY, reached directly too. */
+  environmentNoProxy?: string[];
+}
+
 export interface RegistryPolicy {
   /** "host:port", the key everything is indexed by (a registry on two ports is two registries). */
   key: string;
@@ -59,6 +79,11 @@ export interface RegistryPolicy {
   push: PushMode;
   timeouts: Timeouts;
   manifests: ManifestPolicy;
+  /**
+   * Absent: direct. The loader sets it on every registry (defaults.upstreamProxy unless the registry
+   * has its own), those the seed's variables add included.
+   */
+  upstreamProxy?: UpstreamProxy;
 }
 
 export interface ProxyUser {
@@ -91,7 +116,7 @@ export interface Policy {
     readCheckTtlMs: number;
   };
   manifests: ManifestPolicy;
-  defaults: { push: PushMode; timeouts: Timeouts; tlsVerify: boolean };
+  defaults: { push: PushMode; timeouts: Timeouts; tlsVerify: boolean; upstreamProxy: UpstreamProxy };
   /** Keyed by "host:port". */
   registries: Map<string, RegistryPolicy>;
   /** Patterns as written (check-config prints them); src/connect.ts compiles them with parseTunnelPattern. */
@@ -173,6 +198,84 @@ export function parseTunnelPattern(text: string): TunnelPattern | { error: strin
   }
   if (!NAME_GLOB.test(host)) return fail;
   return { text, port, host: { kind: 'name', glob: host.replace(/\.$/, ''), exact: !host.includes('*') } };
+}
+
+/**
+ * One noProxy entry: a host the proxy's upstream traffic reaches directly, not through upstreamProxy.
+ * Written as NO_PROXY entries are everywhere (curl, Go, undici), so `noProxy: ${NO_PROXY}` means what
+ * it meant to them, plus globs:
+ * - `*`: every host;
+ * - a name, `registry.internal.example` (or `.registry.internal.example`): that host and every host
+ *   under it;
+ * - a name glob, `*.corp.example`, `registry-*.example.com`: `*` matches any characters;
+ * - an IP address or CIDR block, `10.0.0.5`, `10.0.0.0/8`, `fd00::/8`, `[fd00::5]`: a host written as
+ *   an address (a registry's key, a redirect's Location) in it. Names are not resolved to decide;
+ * - any of these with `:port`, `registry.example.com:5000`, `[fd00::5]:443`: that port only.
+ */
+export type NoProxyPattern = {
+  text: string;
+  port?: number;
+  host:
+    | { kind: 'any' }
+    | { kind: 'name'; name: string }
+    | { kind: 'glob'; glob: string }
+    | { kind: 'address'; address: string; prefix: number; family: 4 | 6 };
+};
+
+export function parseNoProxyPattern(text: string): NoProxyPattern | { error: string } {
+  const fail = { error: `"${text}" is not a noProxy entry (examples: "*", "registry.internal.example", "*.corp.example", "10.0.0.0/8", "fd00::/8", "registry.example.com:5000")` };
+  const entry = text.trim().toLowerCase();
+  let hostText: string;
+  let portText: string | undefined;
+  const bracketed = /^\[([^\]]+)\](?:\/(\d{1,3}))?(?::(\d{1,5}))?$/.exec(entry);
+  if (bracketed) {
+    // [fd00::5], [fd00::/8], [fd00::]/8, with an optional :port
+    hostText = bracketed[2] !== undefined ? `${bracketed[1]}/${bracketed[2]}` : bracketed[1]!;
+    portText = bracketed[3];
+  } else if ((entry.match(/:/g)?.length ?? 0) >= 2) {
+    hostText = entry; // a bare IPv6 address or block: no port
+  } else {
+    const match = /^([^:]*)(?::(\d{1,5}))?$/.exec(entry);
+    if (!match) return fail;
+    hostText = match[1]!;
+    portText = match[2];
+  }
+  const port = portText === undefined ? undefined : Number(portText);
+  if (port !== undefined && (port < 1 || port > 65535)) return { error: `"${text}": port ${port} is out of range (1-65535)` };
+  const withPort = (host: NoProxyPattern['host']): NoProxyPattern => ({ text, ...(port !== undefined ? { port } : {}), host });
+  if (hostText === '*') return withPort({ kind: 'any' });
+  const block = /^([^/]+)\/(\d{1,3})$/.exec(hostText);
+  if (block) {
+    const address = canonicalAddress(block[1]!);
+    if (!address) return { error: `"${text}": a /prefix needs an IP address before it` };
+    const family = address.includes(':') ? 6 : 4;
+    const prefix = Number(block[2]);
+    if (prefix > (family === 4 ? 32 : 128)) return { error: `"${text}": an IPv${family} prefix is at most /${family === 4 ? 32 : 128}` };
+    return withPort({ kind: 'address', address, prefix, family });
+  }
+  if (!hostText.includes('*')) {
+    const address = canonicalAddress(hostText);
+    if (address === null) return { error: `"${text}": "${hostText}" is not a valid IP address` };
+    if (address) return withPort({ kind: 'address', address, prefix: address.includes(':') ? 128 : 32, family: address.includes(':') ? 6 : 4 });
+  }
+  const name = hostText.replace(/^\./, '').replace(/\.$/, '');
+  if (!name || !NAME_GLOB.test(name)) return fail;
+  return withPort(name.includes('*') ? { kind: 'glob', glob: name } : { kind: 'name', name });
+}
+
+/**
+ * An upstreamProxy URL as check-config and messages show it: the password (if any) masked, or with
+ * `mask` '' the whole user info left out.
+ */
+export function proxyUrlForDisplay(url: string, mask = '********'): string {
+  try {
+    const parsed = new URL(url);
+    const userInfo = mask === '' || !parsed.username ? '' : `${parsed.username}${parsed.password ? `:${mask}` : ''}@`;
+    return `${parsed.protocol}//${userInfo}${parsed.host}`;
+  } catch {
+    // Not a URL (a mistake being reported): whatever sits between "//" and the last "@" is user info.
+    return url.replace(/^([a-z][a-z0-9+.-]*:\/\/)?[^/?#]*@/i, (_whole, scheme?: string) => `${scheme ?? ''}${mask ? `${mask}@` : ''}`);
+  }
 }
 
 /**

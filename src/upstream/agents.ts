@@ -1,11 +1,14 @@
 // One undici Agent per registry: keep-alive pools per origin (the registry and any host it redirects
 // to), SNI from the origin's name, HTTP/1.1 only, the registry's timeouts, and the trust it is due.
-// The primary thread and every fill worker build their agents with the same function.
+// With a forward proxy (upstreamProxy) the same, through it: src/upstream/forward-proxy.ts.
+// The primary thread and every fill worker build their agents with the same function, from the same
+// UpstreamConfig, so a fill goes the way the primary's own requests go.
 import { existsSync, readFileSync } from 'node:fs';
 import tls from 'node:tls';
-import { Agent } from 'undici';
+import { Agent, type Dispatcher } from 'undici';
 import type { RegistryPolicy, Timeouts } from '../../config/policy.ts';
 import { createLookup } from '../resolver.ts';
+import { ForwardProxyDispatcher, type ForwardProxyConfig } from './forward-proxy.ts';
 
 /** Response heads up to this size are accepted: Google Artifact Registry sends very large ones. */
 const MAX_RESPONSE_HEADER_BYTES = 256 * 1024;
@@ -20,6 +23,8 @@ export interface UpstreamConfig {
   timeouts: Timeouts;
   hosts: Array<[string, string]>;
   ipv6: boolean;
+  /** The forward proxy for this registry's traffic (credentials included: never log this object); absent: direct. */
+  forwardProxy?: ForwardProxyConfig;
 }
 
 export function upstreamConfig(registry: RegistryPolicy, hosts: ReadonlyMap<string, string>, ipv6: boolean): UpstreamConfig {
@@ -32,17 +37,19 @@ export function upstreamConfig(registry: RegistryPolicy, hosts: ReadonlyMap<stri
     timeouts: registry.timeouts,
     hosts: [...hosts],
     ipv6,
+    ...forwardProxyOf(registry),
   };
 }
 
-export function createAgent(config: UpstreamConfig): Agent {
-  return new Agent({
-    connect: {
-      ca: [...defaultCas(), ...(config.caPem ? [config.caPem] : [])],
-      rejectUnauthorized: config.verify,
-      lookup: createLookup(new Map(config.hosts), config.ipv6),
-      timeout: config.timeouts.connectMs,
-    },
+function forwardProxyOf(registry: RegistryPolicy): { forwardProxy?: ForwardProxyConfig } {
+  const proxy = registry.upstreamProxy;
+  if (!proxy || (!proxy.https && !proxy.http)) return {};
+  const noProxy = [...proxy.noProxy, ...(proxy.mode === 'env' ? (proxy.environmentNoProxy ?? []) : [])];
+  return { forwardProxy: { ...(proxy.https ? { https: proxy.https } : {}), ...(proxy.http ? { http: proxy.http } : {}), noProxy } };
+}
+
+export function createAgent(config: UpstreamConfig): Dispatcher {
+  const pool = {
     allowH2: false,
     headersTimeout: config.timeouts.headersMs,
     bodyTimeout: config.timeouts.idleMs,
@@ -50,6 +57,19 @@ export function createAgent(config: UpstreamConfig): Agent {
     maxHeaderSize: MAX_RESPONSE_HEADER_BYTES,
     connections: 64,
     pipelining: 1,
+  };
+  const upstreamTls = { ca: [...defaultCas(), ...(config.caPem ? [config.caPem] : [])], rejectUnauthorized: config.verify };
+  const lookup = createLookup(new Map(config.hosts), config.ipv6);
+  const direct = new Agent({ ...pool, connect: { ...upstreamTls, lookup, timeout: config.timeouts.connectMs } });
+  if (!config.forwardProxy) return direct;
+  // Through the forward proxy, it resolves the upstream's name; `hosts:` and ipv6 apply to reaching
+  // the forward proxy itself (and to the noProxy hosts, direct). TLS to an https:// forward proxy is
+  // verified against the default trust, never a registry's tls.ca or tls.verify.
+  return new ForwardProxyDispatcher(direct, config.forwardProxy, {
+    pool,
+    upstreamTls,
+    proxyTls: { ca: defaultCas(), rejectUnauthorized: true, lookup },
+    connectTimeoutMs: config.timeouts.connectMs,
   });
 }
 
@@ -92,9 +112,9 @@ function systemCas(): string[] {
 
 /** The agents of one thread, by registry. */
 export class UpstreamAgents {
-  private readonly agents = new Map<string, Agent>();
+  private readonly agents = new Map<string, Dispatcher>();
 
-  for(config: UpstreamConfig): Agent {
+  for(config: UpstreamConfig): Dispatcher {
     let agent = this.agents.get(config.key);
     if (!agent) {
       agent = createAgent(config);
