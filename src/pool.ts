@@ -13,7 +13,14 @@ const HEALTH_TASK = new URL(`../workers/health${EXT}`, import.meta.url).href;
 const FILL_TASK = new URL(`../workers/fill${EXT}`, import.meta.url).href;
 
 export interface WorkerPool {
-  piscina: Piscina;
+  /** The Piscina pool; its threads start at warmUp() or at the first task, whichever comes first. */
+  readonly piscina: Piscina;
+  /**
+   * Starts the threads and loads the fill task in each, so that the first fill does not pay for it
+   * (~150 ms: undici and the CA stores). The proxy calls it once it listens: on 2 cores the threads'
+   * start-up competed with the primary's and delayed listening.
+   */
+  warmUp(): void;
   /** Runs a no-op task: resolves with the worker's thread id when the pool answers. */
   health(timeoutMs?: number): Promise<{ threadId: number }>;
   /** Runs one blob fill; its progress and outcome arrive on the task's port. */
@@ -22,6 +29,30 @@ export interface WorkerPool {
 }
 
 export function createWorkerPool(log: Logger, threads: number): WorkerPool {
+  let piscina: Piscina | undefined;
+  let warmed = false;
+  const pool = (): Piscina => (piscina ??= startPool(log, threads));
+  return {
+    get piscina() {
+      return pool();
+    },
+    warmUp() {
+      if (warmed) return;
+      warmed = true;
+      const started = pool();
+      for (let i = 0; i < threads; i++) {
+        started.run('warm-up', { filename: FILL_TASK }).catch((err: Error) => log.warn('a fill worker could not warm up', { error: err.message }));
+      }
+    },
+    health: (timeoutMs = 5000) => pool().run(undefined, { signal: AbortSignal.timeout(timeoutMs) }),
+    fill: (task, transferList) => pool().run(task, { filename: FILL_TASK, transferList }),
+    close: async () => {
+      await piscina?.close({ force: true });
+    },
+  };
+}
+
+function startPool(log: Logger, threads: number): Piscina {
   const piscina = new Piscina({
     filename: HEALTH_TASK,
     minThreads: threads,
@@ -32,14 +63,5 @@ export function createWorkerPool(log: Logger, threads: number): WorkerPool {
   });
   // Piscina replaces a worker that dies; the tasks it was running fail and their clients are cut.
   piscina.on('error', (err: Error) => log.error('a worker thread failed; it is replaced', { error: err.message }));
-  // The first fill of a fresh worker paid ~150 ms loading undici and the CA stores: pay it at start.
-  for (let i = 0; i < threads; i++) {
-    piscina.run('warm-up', { filename: FILL_TASK }).catch((err: Error) => log.warn('a fill worker could not warm up', { error: err.message }));
-  }
-  return {
-    piscina,
-    health: (timeoutMs = 5000) => piscina.run(undefined, { signal: AbortSignal.timeout(timeoutMs) }),
-    fill: (task, transferList) => piscina.run(task, { filename: FILL_TASK, transferList }),
-    close: () => piscina.close({ force: true }),
-  };
+  return piscina;
 }

@@ -21,7 +21,7 @@ import { RateLimits } from './upstream/rate-limits.ts';
 import { createBlobHandler } from './registry/blobs.ts';
 import { createFront } from './listener.ts';
 import { createMirror, type MirrorFront } from './mirror.ts';
-import type { Logger } from './log.ts';
+import type { AccessEntry, Logger } from './log.ts';
 import { createWorkerPool, type WorkerPool } from './pool.ts';
 import { createRegistryHandler } from './registry/handler.ts';
 import { createLookup } from './resolver.ts';
@@ -54,10 +54,11 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   // Every access entry also feeds the metrics and the dashboard's stats.
   const stats = new Stats();
   let metrics: Metrics | undefined;
+  const logProbes = /^(1|true|yes)$/i.test(process.env.PULLTHROUGH_LOG_PROBES ?? '');
   const log: Logger = {
     ...baseLog,
     access(entry) {
-      baseLog.access(entry);
+      if (logProbes || !isProbe(entry)) baseLog.access(entry);
       stats.observe(entry);
       metrics?.observe(entry);
     },
@@ -77,7 +78,6 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
 
   const lookup = createLookup(policy.hosts, policy.ipv6);
   const upstreams = new UpstreamAgents();
-  preloadTrust(); // the first manifest request should not wait for the CA stores to be read
   const pool = createWorkerPool(log, policy.workers);
   const store = new BlobStore(policy.dataDir, index.root, log);
   await store.start();
@@ -154,6 +154,12 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     log.info('the registry mirror is listening', { listen: `${at.address}:${at.port}`, tls: mirrorPolicy.tls ? (mirrorPolicy.tls.certFile ? 'own certificate' : mirrorPolicy.tls.names) : false, default: mirrorPolicy.defaultRegistry ?? null });
   }
 
+  // What the first requests would otherwise wait for, once the proxy listens (before listening it delayed
+  // that by 0.1–0.5 s on 2 cores): the fill workers' start, and the CA stores that upstream TLS is checked
+  // against (~50 ms of reading /etc/ssl/certs).
+  pool.warmUp();
+  setImmediate(preloadTrust);
+
   return {
     port: address.port,
     host: address.address,
@@ -170,6 +176,13 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
       await index.close();
     },
   };
+}
+
+/** Polls that answer fine: a line each every few seconds would bury the pulls (PULLTHROUGH_LOG_PROBES=1 keeps them). */
+const PROBE_PATHS = new Set(['/healthz', '/ui/data.json', '/metrics']);
+
+function isProbe(entry: AccessEntry): boolean {
+  return entry.type === 'admin' && (entry.method === 'GET' || entry.method === 'HEAD') && PROBE_PATHS.has(entry.path) && entry.status < 400;
 }
 
 /**

@@ -7,6 +7,8 @@ import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
+import { parse } from 'yaml';
+import { loadPolicy } from '../config/load.ts';
 import { httpOverSocket, tlsThroughProxy } from './helpers/connect.ts';
 import { createTestCa } from './helpers/pki.ts';
 
@@ -101,5 +103,161 @@ describe('the pullthrough command', () => {
       upstream.closeAllConnections();
       upstream.close();
     }
+  });
+});
+
+describe('the pullthrough command, called the wrong way', () => {
+  const digest = `sha256:${'a'.repeat(64)}`;
+
+  test('purge --digest takes a digest only: anything else exits 2 with a message, and the proxy is not asked', async () => {
+    for (const bad of ['nope', 'sha256:ABC', `sha256:${'a'.repeat(63)}`, `md5:${'a'.repeat(32)}`, digest.slice(7)]) {
+      // Port 1: were the proxy asked, the message would be a connection error.
+      const result = await runCli(['purge', '--digest', bad, '--proxy', 'http://127.0.0.1:1']);
+      assert.equal(result.code, 2, `${bad}: ${result.stderr}`);
+      assert.equal(result.stderr, `pullthrough purge: --digest "${bad}" is not a digest: expected sha256: and 64 lower-case hex digits (or sha512: and 128), as "docker images --digests" shows them\n`);
+    }
+    const valid = await runCli(['purge', '--digest', digest, '--proxy', 'http://127.0.0.1:1']);
+    assert.equal(valid.code, 1, 'a digest goes to the proxy (which is not there)');
+    assert.match(valid.stderr, /ECONNREFUSED/);
+  });
+
+  test('purge with nothing to purge, or a repository without its registry: exit 2', async () => {
+    const none = await runCli(['purge', '--proxy', 'http://127.0.0.1:1']);
+    assert.equal(none.code, 2);
+    assert.equal(none.stderr, 'pullthrough purge: name what to purge: --registry [--repository], or --digest\n');
+    const repository = await runCli(['purge', '--repository', 'team/app', '--proxy', 'http://127.0.0.1:1']);
+    assert.equal(repository.code, 2);
+    assert.match(repository.stderr, /--repository needs --registry/);
+  });
+
+  test('an unknown option or a missing argument: exit 2', async () => {
+    assert.equal((await runCli(['--no-such-option'])).code, 2);
+    const warm = await runCli(['warm']);
+    assert.equal(warm.code, 2);
+    assert.match(warm.stderr, /missing required argument 'image'/);
+  });
+});
+
+describe('check-config', () => {
+  /** A policy that sets something at every level, with the files it names. */
+  function richPolicy(): string {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-cli-check-'));
+    writeFileSync(path.join(dir, 'upstream-ca.pem'), createTestCa('check-config CA').certPem);
+    writeFileSync(path.join(dir, 'quay-password'), 'file-secret\n');
+    writeFileSync(path.join(dir, 'admin-token'), `${'t'.repeat(32)}\n`);
+    const file = path.join(dir, 'proxy.yaml');
+    writeFileSync(
+      file,
+      [
+        'listen: 127.0.0.1:3999',
+        'dataDir: ./state',
+        'caDir: ./ca',
+        'cache: { maxSize: 2GiB, minFree: 100MiB, readCheckTtl: 30s }',
+        'manifests: { enabled: true, tiers: [{ match: "v.*", ttl: 5m }], defaultTtl: 20m, maxStale: 2d }',
+        'defaults: { push: deny, tls: { verify: true }, timeouts: { connect: 10s, clientIdle: 2m } }',
+        'registries:',
+        '  registry-1.docker.io: { auth: { realm: auth.docker.io, username: hub, password: inline-secret } }',
+        '  own.example.com:5443:',
+        '    push: bypass',
+        '    tls: { ca: ./upstream-ca.pem }',
+        '    timeouts: { connect: 5s }',
+        '    manifests: { defaultTtl: 1m, tiers: [{ match: latest, ttl: 30s }] }',
+        '  plain.example.com:5000: { http: true, tls: { verify: false } }',
+        '  quay.io: { auth: { username: robot, passwordFile: ./quay-password } }',
+        'tunnel: { allow: ["*:443", "git.internal.example:22"], deny: ["evil.example:443"], timeouts: { connect: 3s, idle: 10m } }',
+        'admin: { tokenFile: ./admin-token }',
+        'mirror: { listen: 127.0.0.1:5999, tls: { names: [mirror.example] }, default: quay.io }',
+        'users: { ci: { password: user-secret, read: ["quay.io/*"] } }',
+        'hosts: { own.example.com: 127.0.0.1 }',
+        'ipv6: false',
+        'workers: 2',
+        '',
+      ].join('\n'),
+    );
+    return file;
+  }
+
+  test('its output is a proxy.yaml: fed back to the loader, it gives the same policy', async () => {
+    const file = richPolicy();
+    const first = await runCli(['check-config', '--config', file]);
+    assert.equal(first.code, 0, first.stderr);
+    for (const secret of ['inline-secret', 'file-secret', 'user-secret']) assert.ok(!first.stdout.includes(secret), `${secret} is masked`);
+    const again = path.join(path.dirname(file), 'effective.yaml');
+    writeFileSync(again, first.stdout);
+    assert.doesNotThrow(() => loadPolicy({ configPath: again, env: {} }));
+    const second = await runCli(['check-config', '--config', again]);
+    assert.equal(second.code, 0, second.stderr);
+    const withoutSource = (text: string) => text.replace(/^# source: .*\n/m, '');
+    assert.equal(withoutSource(second.stdout), withoutSource(first.stdout));
+    assert.match(first.stdout, new RegExp(`^# source: ${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm'));
+    assert.match(second.stdout, new RegExp(`^# source: ${again.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm'));
+
+    // The shipped proxy.yaml with the seed's variables, the way the quickstart runs it.
+    const env = { PULLTHROUGH_CONFIG: path.join(import.meta.dirname, '../proxy.yaml'), REGISTRIES: 'registry.example.com:5000', AUTH_REGISTRIES: 'quay.io:robot:pw', PROXY_REQUEST_BUFFERING: 'true' };
+    const shipped = await runCli(['check-config'], env);
+    assert.equal(shipped.code, 0, shipped.stderr);
+    const shippedAgain = path.join(path.dirname(file), 'shipped.yaml');
+    writeFileSync(shippedAgain, shipped.stdout);
+    const reloaded = await runCli(['check-config', '--config', shippedAgain]);
+    assert.equal(reloaded.code, 0, reloaded.stderr);
+    // What proxy.yaml has no key for is a comment: PROXY_REQUEST_BUFFERING is the one thing the file does not carry.
+    assert.match(shipped.stdout, /^# requestBuffering: true$/m);
+    assert.equal(withoutSource(reloaded.stdout).replace('# requestBuffering: false', '# requestBuffering: true'), withoutSource(shipped.stdout));
+  });
+
+  test('prints the defaults once; each registry shows only what it sets otherwise', async () => {
+    const file = richPolicy();
+    const result = await runCli(['check-config', '--config', file]);
+    assert.equal(result.code, 0, result.stderr);
+    for (const key of ['clientIdle', 'keepAlive', 'maxStale', 'defaultTtl: 20m', 'verify: true']) {
+      assert.equal(result.stdout.split('\n').filter((l) => l.trim().startsWith(key)).length, 1, `${key} once:\n${result.stdout}`);
+    }
+    const effective = parse(result.stdout) as { defaults: { timeouts: Record<string, string> }; registries: Record<string, unknown> };
+    assert.deepEqual(effective.defaults.timeouts, { connect: '10s', headers: '1m', idle: '1m', clientIdle: '2m', clientHeader: '1m', keepAlive: '1m' });
+    assert.deepEqual(effective.registries['quay.io:443'], { auth: { username: 'robot', password: '********' } });
+    assert.deepEqual(effective.registries['auth.docker.io:443'], {});
+    assert.match(result.stdout, /^ {2}# tokenServiceFor: \[registry-1\.docker\.io:443\]\n {2}auth\.docker\.io:443: \{\}$/m);
+    assert.deepEqual(effective.registries['own.example.com:5443'], {
+      push: 'bypass',
+      tls: { ca: path.join(path.dirname(file), 'upstream-ca.pem') },
+      timeouts: { connect: '5s' },
+      manifests: { tiers: [{ match: 'latest', ttl: '30s' }], defaultTtl: '1m' },
+    });
+    assert.deepEqual(effective.registries['plain.example.com:5000'], { http: true, tls: { verify: false } });
+  });
+});
+
+describe('the access log', () => {
+  async function adminRequests(env: NodeJS.ProcessEnv): Promise<Array<{ method: string; path: string; status: number }>> {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-cli-probes-'));
+    const proxy = await startCli({ PULLTHROUGH_LISTEN: '127.0.0.1:0', PULLTHROUGH_DATA_DIR: path.join(dir, 'data'), ...env }, dir);
+    const base = `http://127.0.0.1:${proxy.port}`;
+    try {
+      for (const [method, at] of [['GET', '/healthz'], ['GET', '/healthz'], ['GET', '/ui/data.json'], ['GET', '/metrics'], ['HEAD', '/healthz'], ['GET', '/ca.crt'], ['POST', '/metrics']] as const) {
+        const response = await fetch(`${base}${at}`, { method, ...(method === 'POST' ? { body: 'x' } : {}) });
+        await response.arrayBuffer();
+      }
+    } finally {
+      assert.equal(await proxy.stop(), 0);
+    }
+    return proxy
+      .output()
+      .split('\n')
+      .filter((line) => line.includes('"type":"admin"'))
+      .map((line) => JSON.parse(line) as { method: string; path: string; status: number });
+  }
+
+  test('leaves out probes and dashboard polls that succeed, unless PULLTHROUGH_LOG_PROBES=1', async () => {
+    const quiet = await adminRequests({});
+    assert.deepEqual(
+      quiet.map((e) => `${e.method} ${e.path} ${e.status}`),
+      ['GET /ca.crt 200', 'POST /metrics 405'],
+      'only what is not a successful poll',
+    );
+    const all = await adminRequests({ PULLTHROUGH_LOG_PROBES: '1' });
+    assert.deepEqual(
+      all.map((e) => `${e.method} ${e.path}`),
+      ['GET /healthz', 'GET /healthz', 'GET /ui/data.json', 'GET /metrics', 'HEAD /healthz', 'GET /ca.crt', 'POST /metrics'],
+    );
   });
 });

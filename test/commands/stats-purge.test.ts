@@ -143,12 +143,18 @@ describe('stats and purge against a real registry', () => {
   });
 
   test('purge refuses requests that name nothing, or a repository without its registry', async () => {
+    // The command says so itself (a usage mistake: exit 2) ...
     const nothing = await cli('purge', '--proxy', proxy.url);
-    assert.equal(nothing.code, 1);
+    assert.equal(nothing.code, 2);
     assert.match(nothing.stderr, /name what to purge/);
     const bare = await cli('purge', '--repository', 'team/app', '--proxy', proxy.url);
-    assert.equal(bare.code, 1);
-    assert.match(bare.stderr, /a repository needs its registry/);
+    assert.equal(bare.code, 2);
+    assert.match(bare.stderr, /--repository needs --registry/);
+    // ... and the proxy refuses such requests from any other client.
+    assert.equal((await purgeOver(proxy.url, {})).status, 400);
+    const answer = await purgeOver(proxy.url, { repository: 'team/app' });
+    assert.equal(answer.status, 400);
+    assert.match((answer.body as unknown as { text: string }).text, /a repository needs its registry/);
   });
 });
 

@@ -1,5 +1,6 @@
 // `pullthrough warm` against a running proxy and a real registry: after it, a skopeo pull of the same
-// image makes zero upstream blob requests.
+// image makes zero upstream blob requests; a registry the proxy does not intercept is named as such
+// before anything is pulled.
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -7,7 +8,7 @@ import { warm } from '../../src/commands/warm.ts';
 import { parseImageReference } from '../../src/commands/image-reference.ts';
 import { buildMultiArchIndex, type BuiltIndex } from '../helpers/oci-image.ts';
 import { createTestCa, writePem } from '../helpers/pki.ts';
-import { makeTempDir, removeTempDir } from '../helpers/process.ts';
+import { envWithoutProxies, makeTempDir, removeTempDir, run } from '../helpers/process.ts';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { startRegistry, type RegistryHandle } from '../helpers/registry.ts';
 import { pushImage, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
@@ -61,6 +62,48 @@ describe('pullthrough warm', () => {
   test('a wrong image or a proxy that is not there is a clear error', async () => {
     await assert.rejects(warm([`${registry.hostPort}/warm/nothing:v1`], { proxyUrl: proxy.url, progress: false, out: () => {} }), /404/);
     await assert.rejects(warm(['alpine'], { proxyUrl: 'http://127.0.0.1:1', progress: false, out: () => {} }), /ECONNREFUSED|connect/);
+  });
+
+  test('a registry the proxy refuses to tunnel: named as not intercepted, with the proxy\'s reason and what to do', async () => {
+    // Port 1 is no registry of this policy, and tunnel.allow ("*:443") does not take it either.
+    const image = `registry.test:1/warm/app:v1`;
+    const before = proxy.access.length;
+    await assert.rejects(
+      warm([`${registry.hostPort}/warm/app:v1`, image], { proxyUrl: proxy.url, progress: false, out: () => {} }),
+      (err: Error) => {
+        assert.match(err.message, /^registry\.test:1 is not intercepted by the proxy at http:\/\/127\.0\.0\.1:\d+: it answers CONNECT with 403 \(.*tunnel\.allow.*\)/);
+        assert.match(err.message, /Add it under registries: in the proxy's proxy\.yaml/);
+        return true;
+      },
+    );
+    // Every registry is checked before the first image is pulled.
+    assert.deepEqual(proxy.access.slice(before).filter((e) => e.type === 'manifest' || e.type === 'blob'), []);
+
+    const cli = await run(process.execPath, [join(import.meta.dirname, '../../src/cli.ts'), 'warm', image, '--proxy', proxy.url], { env: envWithoutProxies(), timeoutMs: 60_000 });
+    assert.equal(cli.code, 1, cli.stderr);
+    assert.match(cli.stderr, /^pullthrough warm: registry\.test:1 is not intercepted by the proxy/);
+  });
+
+  test('a registry the proxy tunnels: named as not intercepted, with whose certificate came back', async () => {
+    // A proxy that intercepts nothing and tunnels to the registry: warm would pull past its cache.
+    const tunnelling = await startTestProxy(`tunnel:\n  allow: ["${registry.hostPort}"]\nhosts:\n  registry.test: 127.0.0.1\n`);
+    try {
+      await assert.rejects(
+        warm([`${registry.hostPort}/warm/app:v1`], { proxyUrl: tunnelling.url, progress: false, out: () => {} }),
+        (err: Error) => {
+          const expected = `${registry.hostPort} is not intercepted by the proxy at ${tunnelling.url}: the proxy tunnels it untouched (its certificate is issued by CN=warm test CA`;
+          assert.ok(err.message.startsWith(expected), err.message);
+          assert.match(err.message, /not by the proxy's CA\), so a pull through it caches nothing\. Add it under registries:/);
+          return true;
+        },
+      );
+      // The tunnel is logged when it closes.
+      for (let i = 0; i < 100 && !tunnelling.access.some((e) => e.cache === 'TUNNEL'); i++) await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.equal(tunnelling.access.filter((e) => e.cache === 'TUNNEL').length, 1, 'one tunnel, for the check');
+      assert.ok(!tunnelling.access.some((e) => e.type === 'manifest' || e.type === 'blob'), 'nothing pulled');
+    } finally {
+      await tunnelling.close();
+    }
   });
 
   test('image references are read like docker reads them', () => {

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { ConfigError, loadPolicy } from '../../config/load.ts';
 import { CertificateAuthority } from '../../src/ca.ts';
-import { described, flatten, sameValue } from './effective.ts';
+import { described, flatten, sameValue, withInheritedSettings } from './effective.ts';
 import { codeBlocks, codeSpans, readDoc, section, tables } from './markdown.ts';
 
 /** The seed's variables pullthrough maps (R8.1); the table must have a row for each, and no other. */
@@ -144,7 +144,8 @@ describe('docs/migration.md: the prose around the table', () => {
 
   test('timeouts and MANIFEST_CACHE_* leave a registry with its own alone; ALLOW_PUSH and VERIFY_SSL do not', () => {
     const own = 'registries:\n  own.example.com:\n    push: deny\n    tls: { verify: true }\n    timeouts: { connect: 5s }\n    manifests: { defaultTtl: 5m }\n';
-    const policy = effective(own, { PROXY_CONNECT_TIMEOUT: '10s', MANIFEST_CACHE_DEFAULT_TIME: '15m', ALLOW_PUSH: 'true', VERIFY_SSL: 'false' }) as {
+    const printed = effective(own, { PROXY_CONNECT_TIMEOUT: '10s', MANIFEST_CACHE_DEFAULT_TIME: '15m', ALLOW_PUSH: 'true', VERIFY_SSL: 'false' }) as Record<string, unknown>;
+    const policy = withInheritedSettings(printed) as {
       registries: Record<string, { push: string; tls: { verify: boolean }; timeouts: { connect: string }; manifests: { defaultTtl: string } }>;
     };
     const registry = policy.registries['own.example.com:443']!;
@@ -152,6 +153,9 @@ describe('docs/migration.md: the prose around the table', () => {
     assert.equal(registry.manifests.defaultTtl, '5m');
     assert.equal(registry.push, 'bypass');
     assert.equal(registry.tls.verify, false);
+    // check-config shows the registry's own timeout and TTL under it, the variables' values once, in defaults: and manifests:.
+    const printedRegistry = (printed.registries as Record<string, Record<string, unknown>>)['own.example.com:443']!;
+    assert.deepEqual(printedRegistry, { timeouts: { connect: '5s' }, manifests: { defaultTtl: '5m' } });
   });
 
   test('a tier variable leaves exactly two tiers', () => {

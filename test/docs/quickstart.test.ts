@@ -1,19 +1,27 @@
 // The README's quickstart, run as written: every line of every `sh` block under "## Quickstart" is
 // a command, taken from README.md itself so that the two cannot drift apart. `npm ci` is what .ci/run
-// runs before the tests; `npm start` starts the proxy (in the background here, on a random loopback
-// port through PULLTHROUGH_LISTEN, with a temporary PULLTHROUGH_DATA_DIR); every other command runs
-// in bash with the proxy's address in place of `proxy:3128`, and `| sudo bash` as the setup script's
-// dry run, `| ROOT=<dir> bash`. The commands run in a copy of the checkout (node_modules linked), so
-// that `npm start`'s build of dist/ does not touch the working tree.
+// runs before the tests; `npm start` starts the proxy in the background, as the shipped proxy.yaml
+// says: on 0.0.0.0:3128, with its data in ./data. Every other command runs in bash with 127.0.0.1 for
+// `proxy`, and `| sudo bash` as the setup script's dry run, `| ROOT=<dir> bash`. The commands run in a
+// copy of the checkout (node_modules linked), so that `npm start`'s build of dist/ and its ./data do
+// not touch the working tree.
+//
+// Port 3128 is the README's: when something else listens there, the test is skipped and says so.
+// PULLTHROUGH_TEST_LOOPBACK_ONLY=1 keeps the proxy on 127.0.0.1:3128 (PULLTHROUGH_LISTEN), for machines
+// where a test must not listen on every address.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { codeBlocks, readDoc, REPO, section } from './markdown.ts';
 
 const PROXY = 'http://proxy:3128';
+const LOOPBACK_ONLY = process.env.PULLTHROUGH_TEST_LOOPBACK_ONLY === '1';
+/** Where the shipped proxy.yaml listens (or, loopback only, the same port on 127.0.0.1). */
+const LISTEN = LOOPBACK_ONLY ? '127.0.0.1:3128' : '0.0.0.0:3128';
 
 const work = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-docs-quickstart-'));
 let proxy: ChildProcess | undefined;
@@ -51,7 +59,7 @@ function quickstartCommands(): string[] {
 /** A checkout as users have one: the sources, package files and proxy.yaml; node_modules linked. */
 function checkout(): string {
   const dir = path.join(work, 'pullthrough');
-  for (const entry of ['src', 'config', 'workers', 'package.json', 'package-lock.json', 'proxy.yaml']) {
+  for (const entry of ['src', 'config', 'workers', 'bin', 'package.json', 'package-lock.json', 'proxy.yaml']) {
     cpSync(path.join(REPO, entry), path.join(dir, entry), { recursive: true });
   }
   symlinkSync(path.join(REPO, 'node_modules'), path.join(dir, 'node_modules'));
@@ -67,20 +75,30 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   return { ...env, ...extra };
 }
 
-/** Runs `npm start` in the background; resolves with the port once the proxy says it listens. */
+/** Why the quickstart cannot listen where it says (port 3128 taken, say), or undefined when it can. */
+function portTaken(): Promise<string | undefined> {
+  const [host, port] = [LISTEN.slice(0, LISTEN.lastIndexOf(':')), Number(LISTEN.slice(LISTEN.lastIndexOf(':') + 1))];
+  return new Promise((resolve) => {
+    const probe = net.createServer();
+    probe.once('error', (err: NodeJS.ErrnoException) => resolve(`${LISTEN} is not free on this machine (${err.code}): the quickstart runs as written only where the proxy can listen there`));
+    probe.listen(port, host, () => probe.close(() => resolve(undefined)));
+  });
+}
+
+/** Runs `npm start` in the background; resolves with the milliseconds it took once the proxy says it listens. */
 function npmStart(cwd: string, env: NodeJS.ProcessEnv): Promise<number> {
   // Its own process group, so that the test can stop npm and the proxy it started together.
   const child = spawn('npm', ['start'], { cwd, env, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
   proxy = child;
   let output = '';
+  const started = performance.now();
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`npm start did not listen within 120 s:\n${output}`)), 120_000);
     const read = (chunk: Buffer) => {
       output += chunk.toString();
-      const match = /"message":"pullthrough is listening"[^\n]*"listen":"127\.0\.0\.1:(\d+)"/.exec(output);
-      if (match) {
+      if (output.includes(`"message":"pullthrough is listening","listen":"${LISTEN}"`)) {
         clearTimeout(timer);
-        resolve(Number(match[1]));
+        resolve(performance.now() - started);
       }
     };
     child.stdout!.on('data', read);
@@ -92,14 +110,19 @@ function npmStart(cwd: string, env: NodeJS.ProcessEnv): Promise<number> {
   });
 }
 
-test("README.md's quickstart: every command runs as written", { timeout: 240_000 }, async () => {
+test("README.md's quickstart: every command runs as written", { timeout: 240_000 }, async (t) => {
   const commands = quickstartCommands();
+  const taken = await portTaken();
+  if (taken) {
+    t.skip(taken);
+    return;
+  }
   const cwd = checkout();
-  const dataDir = path.join(work, 'data');
-  const env = cleanEnv({ PULLTHROUGH_LISTEN: '127.0.0.1:0', PULLTHROUGH_DATA_DIR: dataDir });
+  const dataDir = path.join(cwd, 'data');
+  const env = cleanEnv(LOOPBACK_ONLY ? { PULLTHROUGH_LISTEN: LISTEN } : {});
   const root = path.join(work, 'client-root');
   mkdirSync(root);
-  let port: number | undefined;
+  let listening = false;
   const done: string[] = [];
 
   for (const command of commands) {
@@ -109,18 +132,20 @@ test("README.md's quickstart: every command runs as written", { timeout: 240_000
       continue;
     }
     if (command === 'npm start') {
-      port = await npmStart(cwd, env);
+      const ms = await npmStart(cwd, env);
+      t.diagnostic(`npm start listened on ${LISTEN} after ${Math.round(ms)} ms (a first start: it built dist/ and made the CA)`);
+      listening = true;
       done.push('npm start');
       continue;
     }
-    assert.ok(port !== undefined, `"${command}" comes before npm start`);
-    const address = `http://127.0.0.1:${port}`;
+    assert.ok(listening, `"${command}" comes before npm start`);
+    const address = 'http://127.0.0.1:3128';
     let line = command.replaceAll(PROXY, address);
     if (/\/setup\//.test(command)) {
       assert.match(command, /\| sudo bash$/, `"${command}": the setup script is expected to be piped to sudo bash`);
       line = line.replace(/\| sudo bash$/, `| ROOT='${root}' bash`);
     }
-    const run = spawnSync('bash', ['-o', 'pipefail', '-c', line], { cwd, env: { ...env, PULLTHROUGH_LISTEN: `127.0.0.1:${port}` }, encoding: 'utf8', timeout: 60_000 });
+    const run = spawnSync('bash', ['-o', 'pipefail', '-c', line], { cwd, env, encoding: 'utf8', timeout: 60_000 });
     assert.equal(run.status, 0, `"${command}" failed (${run.status}):\n${run.stdout}\n${run.stderr}`);
 
     const caPem = readFileSync(path.join(dataDir, 'ca.crt'), 'utf8');
@@ -132,8 +157,10 @@ test("README.md's quickstart: every command runs as written", { timeout: 240_000
       assert.equal(file ? readFileSync(path.join(cwd, file), 'utf8') : run.stdout, caPem);
       done.push('ca.crt');
     } else if (/^npm run check-config$/.test(command)) {
-      assert.match(run.stdout, new RegExp(`^listen: 127\\.0\\.0\\.1:${port}$`, 'm'));
-      assert.match(run.stdout, new RegExp(`^source: ${path.join(cwd, 'proxy.yaml').replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm'));
+      const escape = (text: string) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+      assert.match(run.stdout, new RegExp(`^listen: ${escape(LISTEN)}$`, 'm'));
+      assert.match(run.stdout, new RegExp(`^dataDir: ${escape(dataDir)}$`, 'm'));
+      assert.match(run.stdout, new RegExp(`^# source: ${escape(path.join(cwd, 'proxy.yaml'))}$`, 'm'));
       done.push('check-config');
     } else if (/\/setup\/(docker|containerd|podman)\b/.test(command)) {
       const runtime = /\/setup\/(\w+)/.exec(command)![1]!;

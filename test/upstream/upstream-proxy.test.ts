@@ -130,7 +130,7 @@ registries:
     );
     assert.ok(!text.includes('hunter2') && !text.includes('swordfish'), text);
     assert.match(text, /upstreamProxy: http:\/\/bob:\*{8}@proxy\.corp\.example:3128/);
-    assert.match(text, /environmentProxy:\n\s+https: http:\/\/eve:\*{8}@env-proxy\.example:8080\n\s+http: none/);
+    assert.match(text, /# environmentProxy: \{https: http:\/\/eve:\*{8}@env-proxy\.example:8080, http: none\}/);
     assert.match(text, /noProxy:\n\s+- internal\.example\n\s+- \.svc/);
   });
 });
