@@ -72,6 +72,12 @@ export function describePolicy(policy: Policy): string {
     ipv6: policy.ipv6,
     requestBuffering: policy.requestBuffering,
     workers: policy.workers,
+    warm: {
+      interval: formatDuration(policy.warm.intervalMs),
+      delay: formatDuration(policy.warm.delayMs),
+      platforms: policy.warm.platforms,
+      images: policy.warm.images.map((i) => (i.platforms ? { image: i.image, platforms: i.platforms } : i.image)),
+    },
   };
   const doc = new Document(effective);
   doc.commentBefore = [

@@ -1,6 +1,7 @@
 // Loads the policy: proxy.yaml (or the built-in default) → ${VAR} expansion → validation with
 // file:line:key messages → the seed's environment variables → PULLTHROUGH_* overrides.
 import { parseMirror } from './mirror.ts';
+import { checkWarmRegistries, defaultWarm, parseWarm } from './warm.ts';
 import { existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -61,6 +62,7 @@ export function loadPolicy(options: LoadOptions = {}): Policy {
     if (!fromFile.has(registry.key)) registry.upstreamProxy ??= policy.defaults.upstreamProxy;
   }
   linkTokenServices(policy);
+  checkWarmRegistries(policy);
   if (env.PULLTHROUGH_ADMIN_TOKEN) policy.admin.token = adminToken(env.PULLTHROUGH_ADMIN_TOKEN, (m) => { throw new ConfigError(`PULLTHROUGH_ADMIN_TOKEN: ${m}`); });
   if (env.PULLTHROUGH_LISTEN) policy.listen = parseListen(env.PULLTHROUGH_LISTEN, (m) => { throw new ConfigError(`PULLTHROUGH_LISTEN: ${m}`); });
   const caFollowsData = policy.caDir === policy.dataDir; // no caDir of its own: the CA moves with the data
@@ -81,7 +83,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   }
   const src: Source = { file, lines, env };
   const root = new Cursor(doc.contents as Cursor['node'], '', src);
-  const top = root.entries(['listen', 'dataDir', 'caDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'admin', 'users', 'hosts', 'ipv6', 'workers', 'mirror']);
+  const top = root.entries(['listen', 'dataDir', 'caDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'admin', 'users', 'hosts', 'ipv6', 'workers', 'mirror', 'warm']);
   const at = (key: string) => top.get(key) ?? new Cursor(null, key, src);
   const resolvePath = (p: string) => path.resolve(baseDir, p);
 
@@ -120,6 +122,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
     ipv6: at('ipv6').present ? at('ipv6').boolean() : true,
     requestBuffering: false,
     workers: at('workers').present ? parseWorkers(at('workers')) : defaultWorkers(),
+    warm: defaultWarm(),
   };
 
   for (const [name, entry] of at('registries').entries()) {
@@ -149,6 +152,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
     policy.hosts.set(name.toLowerCase(), entry.string());
   }
   if (at('mirror').present) policy.mirror = parseMirror(at('mirror'), policy, resolvePath, parseListen);
+  policy.warm = at('warm').present ? parseWarm(at('warm')) : defaultWarm();
   return policy;
 }
 

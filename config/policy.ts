@@ -2,6 +2,7 @@
 // module reads these types and never the raw YAML, so each key maps to exactly one place in the code.
 
 import type { MirrorPolicy } from './mirror.ts';
+import type { WarmPolicy } from './warm.ts';
 
 export interface Timeouts {
   /** TCP + TLS connect to an upstream. */
@@ -142,6 +143,8 @@ export interface Policy {
   workers: number;
   /** The registry-mirror front, when configured. */
   mirror?: MirrorPolicy;
+  /** The images the running proxy keeps warm (none by default). */
+  warm: WarmPolicy;
 }
 
 export function registryKey(host: string, port: number): string {

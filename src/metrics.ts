@@ -10,6 +10,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics, type LabelV
 import type { FillOutcome } from './cache/fill-protocol.ts';
 import type { AccessEntry } from './log.ts';
 import { FROM_CACHE, upstreamStatusOf } from './stats.ts';
+import type { WarmStatus } from './warm-schedule.ts';
 
 export interface LiveState {
   fillsInFlight(): number;
@@ -21,6 +22,8 @@ export interface LiveState {
   caNotAfter(): Date;
   /** The leaf certificates in use, by the name they were minted for. */
   leafExpiries(): Iterable<{ host: string; notAfter: Date }>;
+  /** The warm-up of the policy's list (undefined before the proxy listens). */
+  warm?(): WarmStatus | undefined;
 }
 
 export interface Metrics {
@@ -112,6 +115,32 @@ export function createMetrics(live: LiveState): Metrics {
       for (const leaf of live.leafExpiries()) this.set({ host: leaf.host }, Math.floor(leaf.notAfter.getTime() / 1000));
     },
   });
+
+  // The warm-up (warm: in proxy.yaml), read from its schedule at scrape time.
+  new Counter({
+    name: 'pullthrough_warm_runs_total',
+    help: 'Warm-up runs of the policy\'s list, by result (ok: every image warmed; failed: at least one did not)',
+    labelNames: ['result'],
+    registers,
+    collect() {
+      const runs = live.warm?.()?.runs ?? { ok: 0, failed: 0 };
+      this.reset();
+      for (const result of ['ok', 'failed'] as const) this.inc({ result }, runs[result]);
+    },
+  });
+  new Gauge({
+    name: 'pullthrough_warm_images',
+    help: 'Images of the warm-up list by how the last run went (ok, failed)',
+    labelNames: ['state'],
+    registers,
+    collect() {
+      const last = live.warm?.()?.lastRun;
+      this.set({ state: 'ok' }, last?.ok ?? 0);
+      this.set({ state: 'failed' }, last?.failed ?? 0);
+    },
+  });
+  new Gauge({ name: 'pullthrough_warm_last_run_timestamp_seconds', help: 'When the last warm-up run ended (Unix time; 0: none yet)', registers, collect() { const last = live.warm?.()?.lastRun; this.set(last ? Math.floor((last.startedAt + last.durationMs) / 1000) : 0); } });
+  new Gauge({ name: 'pullthrough_warm_last_run_duration_seconds', help: 'How long the last warm-up run took', registers, collect() { this.set((live.warm?.()?.lastRun?.durationMs ?? 0) / 1000); } });
 
   const series = new RegistrySeries(MAX_REGISTRY_LABELS);
   const registryLabel = (host: string) => {

@@ -29,6 +29,7 @@ import { InterceptedSessions } from './session.ts';
 import { preloadTrust, UpstreamAgents } from './upstream/agents.ts';
 import { TokenExchange } from './upstream/token-exchange.ts';
 import { ReadAccess } from './registry/read-access.ts';
+import { addWarmUser, loopbackUrl, WarmSchedule } from './warm-schedule.ts';
 import { UpstreamAuth } from './registry/upstream-auth.ts';
 
 const CA_EXPIRY_WARNING_MS = 30 * 86_400_000;
@@ -89,6 +90,9 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     },
     retried: (registry, offset) => metrics?.fillRetried(registry, offset),
   });
+  // Before anything reads the users: the warm-up's own, when users are configured.
+  const warmUser = addWarmUser(policy);
+  let warmSchedule: WarmSchedule | undefined;
   const auth = new UpstreamAuth(new TokenExchange(), upstreams, log);
   const readAccess = new ReadAccess(auth, upstreams, policy.cache.readCheckTtlMs, policy.users.size > 0);
   const blobs = createBlobHandler({ store, fills, upstreams, auth, readAccess, limits: policy.cache, log });
@@ -108,6 +112,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     rateLimits: () => rateLimits.all(),
     caNotAfter: () => ca.notAfter,
     leafExpiries: () => ca.leafExpiries(),
+    warm: () => warmSchedule?.status(),
   });
   const workersHealthy = () => pool.health().then(() => 'ok', (err: Error) => err.message);
   const admin = createAdminHandler({
@@ -115,7 +120,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     version: VERSION,
     fallbackHost: `${listenHost}:${policy.listen.port}`,
     metrics,
-    dashboard: () => dashboardData({ version: VERSION, startedAt, maxSize: policy.cache.maxSize, stats, store, fills, manifests: manifestStore, rateLimits, workersHealthy }),
+    dashboard: () => dashboardData({ version: VERSION, startedAt, maxSize: policy.cache.maxSize, stats, store, fills, manifests: manifestStore, rateLimits, workersHealthy, warm: () => warmSchedule?.status() }),
     purge: (request) => purge(request, { store, fills, manifests: manifestStore, log }),
     ...(policy.mirror ? { mirror: mirrorSetupFor(policy, policy.mirror, () => (mirror?.server.address() as AddressInfo | null)?.port) } : {}),
     admin: policy.admin,
@@ -159,6 +164,9 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   // against (~50 ms of reading /etc/ssl/certs).
   pool.warmUp();
   setImmediate(preloadTrust);
+  // The policy's warm-up list: through the front, from loopback, a short delay after listening.
+  warmSchedule = new WarmSchedule({ warm: policy.warm, proxyUrl: loopbackUrl(policy.listen.host, address.port), caPem: ca.certPem, ...(warmUser ? { user: warmUser } : {}), log });
+  warmSchedule.start();
 
   return {
     port: address.port,
@@ -170,6 +178,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     metrics,
     stats,
     async close() {
+      await warmSchedule?.close();
       await Promise.all([front.close(), mirror?.close()]);
       sessions.close();
       await Promise.all([upstreams.close(), pool.close()]);

@@ -5,6 +5,7 @@ import type { Fills } from '../cache/fills.ts';
 import type { ImageSize, ManifestStore } from '../cache/manifest-store.ts';
 import type { History, RecentPull, Stats, Totals } from '../stats.ts';
 import type { Budget, RateLimits } from '../upstream/rate-limits.ts';
+import type { WarmStatus } from '../warm-schedule.ts';
 
 /** The page itself: static, no build step; it polls ui/data.json. */
 export const DASHBOARD_HTML = readFileSync(new URL('./dashboard.html', import.meta.url), 'utf8');
@@ -24,6 +25,16 @@ export interface DashboardData {
   largestImages: ImageSize[];
   /** The last hours minute by minute (absent from older proxies). */
   history?: DashboardHistory;
+  /** The warm-up of the policy's list (warm: in proxy.yaml); absent when it lists no image. */
+  warm?: DashboardWarm;
+}
+
+export interface DashboardWarm {
+  images: number;
+  running: boolean;
+  runs: { ok: number; failed: number };
+  lastRun?: { startedAt: string; durationSeconds: number; ok: number; failed: number };
+  nextRunAt?: string;
 }
 
 export interface DashboardHistory extends History {
@@ -44,6 +55,7 @@ export interface DashboardSources {
   manifests: ManifestStore;
   rateLimits: RateLimits;
   workersHealthy: () => Promise<string>;
+  warm?: () => WarmStatus | undefined;
 }
 
 /**
@@ -72,6 +84,21 @@ export async function dashboardData(s: DashboardSources): Promise<DashboardData>
     recentPulls: s.stats.recentPulls(),
     largestImages: s.manifests.largestImages(10),
     history: dashboardHistory(s.stats, s.rateLimits),
+    ...warmFigures(s.warm?.()),
+  };
+}
+
+function warmFigures(status: WarmStatus | undefined): { warm?: DashboardWarm } {
+  if (!status || status.images === 0) return {};
+  const last = status.lastRun;
+  return {
+    warm: {
+      images: status.images,
+      running: status.running,
+      runs: status.runs,
+      ...(last ? { lastRun: { startedAt: new Date(last.startedAt).toISOString(), durationSeconds: last.durationMs / 1000, ok: last.ok, failed: last.failed } } : {}),
+      ...(status.nextRunAt !== undefined ? { nextRunAt: new Date(status.nextRunAt).toISOString() } : {}),
+    },
   };
 }
 

@@ -5,6 +5,7 @@ import { Command } from 'commander';
 import { describePolicy } from '../../config/describe.ts';
 import { ConfigError, loadPolicy } from '../../config/load.ts';
 import type { Policy } from '../../config/policy.ts';
+import { parsePlatform } from '../../config/warm.ts';
 import { parseDigest } from '../registry/route.ts';
 
 const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
@@ -64,13 +65,19 @@ program
   .command('warm')
   .description('pre-fill the cache: pull images through the running proxy')
   .argument('<image...>', 'images, e.g. alpine:3.20 ghcr.io/org/app@sha256:…')
-  .option('--platform <os/arch>', 'only this platform of a multi-platform image (default: all)')
+  .option('--platform <os/arch,…>', 'only these platforms of a multi-platform image, comma-separated or the option repeated (default: all)', (value: string, previous: string[]) => [...previous, ...value.split(',').map((p) => p.trim()).filter(Boolean)], [] as string[])
   .option('--proxy <url>', 'the running proxy (default: $PULLTHROUGH_PROXY, else the listen address of the policy)')
-  .action(async (images: string[], options: { platform?: string; proxy?: string }) => {
+  .action(async (images: string[], options: { platform: string[]; proxy?: string }) => {
+    let platforms: string[];
+    try {
+      platforms = [...new Set(options.platform.map(parsePlatform))];
+    } catch (err) {
+      usageError('warm', `--platform: ${(err as Error).message}`);
+    }
     const proxyUrl = proxyUrlFor(options.proxy);
     const { warm } = await import('./warm.ts');
     try {
-      await warm(images, { proxyUrl, ...(options.platform ? { platform: options.platform } : {}), progress: process.stderr.isTTY, out: (line) => process.stdout.write(`${line}\n`) });
+      await warm(images, { proxyUrl, platforms, progress: process.stderr.isTTY, out: (line) => process.stdout.write(`${line}\n`) });
     } catch (err) {
       process.stderr.write(`pullthrough warm: ${(err as Error).message}\n`);
       process.exit(1);

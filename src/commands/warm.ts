@@ -4,6 +4,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { MultiBar, Presets } from 'cli-progress';
 import { ProxyAgent, request, type Dispatcher } from 'undici';
+import { proxyUrlForDisplay } from '../../config/policy.ts';
 import { humanBytes } from '../../config/units.ts';
 import { parseImageReference, type ImageReference } from './image-reference.ts';
 
@@ -31,55 +32,133 @@ interface Manifest {
   layers?: Descriptor[];
 }
 
+/** An image and, for a multi-platform one, the platforms to fetch (absent: WarmOptions.platforms). */
+export interface WarmTarget {
+  image: string;
+  platforms?: string[];
+}
+
 export interface WarmOptions {
+  /** The proxy, e.g. http://127.0.0.1:3128 (a proxy user may be in it, or in proxyUser). */
   proxyUrl: string;
-  /** "os/arch[/variant]"; all platforms of an index when absent. */
-  platform?: string;
+  /** "os/arch[/variant]" for images that name none; every platform of an index when absent or empty. */
+  platforms?: string[];
+  /** The proxy user to authenticate as (kept out of proxyUrl so that no message can show the password). */
+  proxyUser?: { name: string; password: string };
+  /** The proxy's CA, when the caller has it (else it is read from the proxy's /ca.crt). */
+  caPem?: string;
   /** Progress bars on stderr (off when not a terminal, and in tests). */
   progress: boolean;
   out: (line: string) => void;
+  /** Called for each image warmed, as it ends. */
+  warmed?: (summary: WarmSummary) => void;
+  /**
+   * Called for each image that fails, after which the others go on; without it the first failure
+   * throws (the CLI's way).
+   */
+  failed?: (image: string, err: Error) => void;
+  /** Stops the warm-up: what is in flight is cut, no further image starts. */
+  signal?: AbortSignal;
 }
 
 export interface WarmSummary {
   image: string;
+  /** The platforms fetched ("os/arch[/variant]"); empty for a single-platform image. */
+  platforms: string[];
+  /** Platforms asked for that the index does not have. */
+  missing: string[];
   manifests: number;
   blobs: number;
   bytes: number;
+  /** Blobs by the proxy's X-Cache status (MISS, HIT, JOINED…). */
   cache: Record<string, number>;
 }
 
-export async function warm(images: string[], options: WarmOptions): Promise<WarmSummary[]> {
-  const caPem = await request(`${options.proxyUrl}/ca.crt`).then(
-    (response) => response.body.text(),
-    (err: NodeJS.ErrnoException) => {
-      throw new Error(`cannot reach the proxy at ${options.proxyUrl} (${err.code ?? err.message}): is it running there? Name it with --proxy URL or PULLTHROUGH_PROXY`);
-    },
-  );
-  if (!caPem.includes('BEGIN CERTIFICATE')) throw new Error(`${options.proxyUrl}/ca.crt did not return a certificate: is the proxy running there?`);
-  const refs = images.map((image) => ({ image, ref: parseImageReference(image) }));
+export async function warm(images: Array<string | WarmTarget>, options: WarmOptions): Promise<WarmSummary[]> {
+  const shown = proxyUrlForDisplay(options.proxyUrl, '');
+  const caPem = options.caPem ?? (await fetchCa(options.proxyUrl, shown));
+  const targets = images.map((target) => (typeof target === 'string' ? { image: target } : target));
+  const refs: Array<WarmTarget & { ref: ImageReference }> = [];
+  for (const target of targets) {
+    try {
+      refs.push({ ...target, ref: parseImageReference(target.image) });
+    } catch (err) {
+      if (!options.failed) throw err;
+      options.failed(target.image, err as Error);
+    }
+  }
+  const authorization = proxyAuthorization(options);
   // Before anything is pulled: a registry the proxy does not intercept would be pulled past the cache.
-  for (const registry of new Set(refs.map(({ ref }) => ref.registry))) await checkIntercepted(options.proxyUrl, registry, caPem);
-  const agent = new ProxyAgent({ uri: options.proxyUrl, requestTls: { ca: caPem } });
+  const refused = new Map<string, Error>();
+  for (const registry of new Set(refs.map(({ ref }) => ref.registry))) {
+    try {
+      await checkIntercepted(options.proxyUrl, registry, caPem, authorization);
+    } catch (err) {
+      if (!options.failed) throw err;
+      refused.set(registry, err as Error);
+    }
+  }
+  const agent = new ProxyAgent({ uri: proxyUrlWithoutUser(options.proxyUrl), requestTls: { ca: caPem }, ...(authorization ? { token: authorization } : {}) });
+  const abort = () => void agent.destroy(new Error('the warm-up was stopped')).catch(() => {});
+  options.signal?.addEventListener('abort', abort, { once: true });
   const bars = options.progress ? new MultiBar({ format: ' {bar} {percentage}% | {name} | {value}/{total} bytes', hideCursor: true, clearOnComplete: false }, Presets.shades_classic) : undefined;
   try {
     const summaries: WarmSummary[] = [];
-    for (const { image, ref } of refs) summaries.push(await warmImage(ref, image, agent, options, bars));
+    for (const target of refs) {
+      if (options.signal?.aborted) throw new Error('the warm-up was stopped');
+      try {
+        const notIntercepted = refused.get(target.ref.registry);
+        if (notIntercepted) throw notIntercepted;
+        summaries.push(await warmImage(target.ref, target.image, target.platforms ?? options.platforms ?? [], agent, options, bars));
+      } catch (err) {
+        if (!options.failed || options.signal?.aborted) throw err;
+        options.failed(target.image, err as Error);
+      }
+    }
     return summaries;
   } finally {
+    options.signal?.removeEventListener('abort', abort);
     bars?.stop();
-    await agent.close();
+    await agent.close().catch(() => {});
   }
 }
 
-async function warmImage(ref: ImageReference, image: string, agent: Dispatcher, options: WarmOptions, bars: MultiBar | undefined): Promise<WarmSummary> {
-  const client = new RegistryClient(ref, agent);
-  const summary: WarmSummary = { image, manifests: 0, blobs: 0, bytes: 0, cache: {} };
+async function fetchCa(proxyUrl: string, shown: string): Promise<string> {
+  const caPem = await request(`${proxyUrlWithoutUser(proxyUrl)}/ca.crt`).then(
+    (response) => response.body.text(),
+    (err: NodeJS.ErrnoException) => {
+      throw new Error(`cannot reach the proxy at ${shown} (${err.code ?? err.message}): is it running there? Name it with --proxy URL or PULLTHROUGH_PROXY`);
+    },
+  );
+  if (!caPem.includes('BEGIN CERTIFICATE')) throw new Error(`${shown}/ca.crt did not return a certificate: is the proxy running there?`);
+  return caPem;
+}
+
+function proxyUrlWithoutUser(proxyUrl: string): string {
+  const url = new URL(proxyUrl);
+  url.username = '';
+  url.password = '';
+  return url.href.replace(/\/$/, '');
+}
+
+/** The Proxy-Authorization value: options.proxyUser, else the user in the proxy URL; undefined for none. */
+function proxyAuthorization(options: Pick<WarmOptions, 'proxyUrl' | 'proxyUser'>): string | undefined {
+  const url = new URL(options.proxyUrl);
+  const user = options.proxyUser ?? (url.username ? { name: decodeURIComponent(url.username), password: decodeURIComponent(url.password) } : undefined);
+  return user ? `Basic ${Buffer.from(`${user.name}:${user.password}`).toString('base64')}` : undefined;
+}
+
+async function warmImage(ref: ImageReference, image: string, platforms: string[], agent: Dispatcher, options: WarmOptions, bars: MultiBar | undefined): Promise<WarmSummary> {
+  const client = new RegistryClient(ref, agent, options.signal);
+  const summary: WarmSummary = { image, platforms: [], missing: [], manifests: 0, blobs: 0, bytes: 0, cache: {} };
   const top = await client.manifest(ref.reference);
   summary.manifests++;
   const images: Manifest[] = [];
   if (top.manifests) {
-    const wanted = top.manifests.filter((m) => matchesPlatform(m, options.platform));
-    if (wanted.length === 0) throw new Error(`${image} has no manifest for platform ${options.platform}`);
+    const wanted = top.manifests.filter((m) => platforms.length === 0 || platforms.some((p) => matchesPlatform(m, p)));
+    if (wanted.length === 0) throw new Error(`${image} has no manifest for ${platforms.length > 1 ? 'any of the platforms' : 'platform'} ${platforms.join(', ')} (it has ${platformsOf(top.manifests).join(', ') || 'none named'})`);
+    summary.missing = platforms.filter((p) => !top.manifests!.some((m) => matchesPlatform(m, p)));
+    summary.platforms = platformsOf(wanted);
     for (const entry of wanted) {
       images.push(await client.manifest(entry.digest));
       summary.manifests++;
@@ -102,8 +181,14 @@ async function warmImage(ref: ImageReference, image: string, agent: Dispatcher, 
       }
     }),
   );
-  options.out(`${image}: ${summary.manifests} manifests, ${summary.blobs} blobs, ${humanBytes(summary.bytes)} (${Object.entries(summary.cache).map(([k, v]) => `${v} ${k}`).join(', ')})`);
+  const missing = summary.missing.length > 0 ? `; it has no ${summary.missing.join(', ')}` : '';
+  options.warmed?.(summary);
+  options.out(`${image}: ${summary.manifests} manifests, ${summary.blobs} blobs, ${humanBytes(summary.bytes)} (${Object.entries(summary.cache).map(([k, v]) => `${v} ${k}`).join(', ')})${missing}`);
   return summary;
+}
+
+function platformsOf(descriptors: Descriptor[]): string[] {
+  return descriptors.flatMap((d) => (d.platform ? [[d.platform.os, d.platform.architecture, d.platform.variant].filter(Boolean).join('/')] : []));
 }
 
 /**
@@ -112,12 +197,13 @@ async function warmImage(ref: ImageReference, image: string, agent: Dispatcher, 
  * registry's CONNECT itself, with a certificate from its CA; any other host it tunnels (the registry's
  * own certificate comes back) or refuses (with its reason). Throws a message that says which and what to do.
  */
-export async function checkIntercepted(proxyUrl: string, registry: string, caPem: string): Promise<void> {
+export async function checkIntercepted(proxyUrl: string, registry: string, caPem: string, authorization = proxyAuthorization({ proxyUrl })): Promise<void> {
   const { host, port } = hostAndPort(registry);
   const target = `${host.includes(':') ? `[${host}]` : host}:${port}`;
   const remedy = `Add it under registries: in the proxy's proxy.yaml (or to REGISTRIES) and restart the proxy; \`pullthrough check-config\` lists what it intercepts.`;
   const proxy = new URL(proxyUrl);
-  const auth = proxy.username ? `Proxy-Authorization: Basic ${Buffer.from(`${decodeURIComponent(proxy.username)}:${decodeURIComponent(proxy.password)}`).toString('base64')}\r\n` : '';
+  const auth = authorization ? `Proxy-Authorization: ${authorization}\r\n` : '';
+  proxyUrl = proxyUrlForDisplay(proxyUrl, ''); // for the messages below
   const socket = net.connect(Number(proxy.port || 80), proxy.hostname.replace(/^\[(.*)\]$/, '$1'));
   socket.setTimeout(CHECK_TIMEOUT_MS, () => socket.destroy(new Error(`no answer within ${CHECK_TIMEOUT_MS / 1000} s`)));
   try {
@@ -179,8 +265,7 @@ function hostAndPort(registry: string): { host: string; port: number } {
   return { host: (match?.[1] ?? registry).replace(/^\[(.*)\]$/, '$1'), port: Number(match?.[2] ?? 443) };
 }
 
-function matchesPlatform(descriptor: Descriptor, platform: string | undefined): boolean {
-  if (!platform) return true;
+function matchesPlatform(descriptor: Descriptor, platform: string): boolean {
   const [os, architecture, variant] = platform.split('/');
   const p = descriptor.platform;
   return !!p && p.os === os && p.architecture === architecture && (variant === undefined || p.variant === variant);
@@ -191,10 +276,12 @@ class RegistryClient {
   private token: string | undefined;
   private readonly ref: ImageReference;
   private readonly agent: Dispatcher;
+  private readonly signal: AbortSignal | undefined;
 
-  constructor(ref: ImageReference, agent: Dispatcher) {
+  constructor(ref: ImageReference, agent: Dispatcher, signal?: AbortSignal) {
     this.ref = ref;
     this.agent = agent;
+    this.signal = signal;
   }
 
   async manifest(reference: string): Promise<Manifest> {
@@ -217,6 +304,7 @@ class RegistryClient {
       dispatcher: this.agent,
       headers: { ...headers, ...(this.token ? { authorization: `Bearer ${this.token}` } : {}) },
       maxRedirections: 0,
+      ...(this.signal ? { signal: this.signal } : {}),
     } as Parameters<typeof request>[1]);
     if (response.statusCode === 401 && !retried) {
       const challenge = String(response.headers['www-authenticate'] ?? '');

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { warm } from '../../src/commands/warm.ts';
 import { parseImageReference } from '../../src/commands/image-reference.ts';
-import { buildMultiArchIndex, type BuiltIndex } from '../helpers/oci-image.ts';
+import { buildMultiArchIndex, type Architecture, type BuiltIndex } from '../helpers/oci-image.ts';
 import { createTestCa, writePem } from '../helpers/pki.ts';
 import { envWithoutProxies, makeTempDir, removeTempDir, run } from '../helpers/process.ts';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -17,6 +17,8 @@ describe('pullthrough warm', () => {
   let registry: RegistryHandle;
   let proxy: TestProxy;
   let index: BuiltIndex;
+  /** amd64, arm64 and s390x. */
+  let three: BuiltIndex;
   let work: string;
 
   before(async () => {
@@ -25,6 +27,9 @@ describe('pullthrough warm', () => {
     registry = await startRegistry({ host: 'registry.test', ca });
     index = await buildMultiArchIndex(join(work, 'layout'), { layers: [{ randomBytes: 2 * 1024 * 1024 }], tag: 'v1' });
     await pushImage(index.layoutDir, 'v1', registry, { repository: 'warm/app', all: true });
+    // A third platform the helper has no name for: its descriptor says linux/s390x all the same.
+    three = await buildMultiArchIndex(join(work, 'three'), { layers: [{ randomBytes: 256 * 1024 }], architectures: ['amd64', 'arm64', 's390x' as Architecture], tag: 'v1' });
+    await pushImage(three.layoutDir, 'v1', registry, { repository: 'warm/three', all: true });
     proxy = await startTestProxy(`registries:\n  ${registry.hostPort}:\n    tls: { ca: ${writePem(work, 'ca.pem', ca.certPem)} }\nhosts:\n  registry.test: 127.0.0.1\n`);
   });
 
@@ -36,7 +41,7 @@ describe('pullthrough warm', () => {
 
   test('warms one platform, then a pull of it needs no upstream blob request', async () => {
     const lines: string[] = [];
-    const [summary] = await warm([`${registry.hostPort}/warm/app:v1`], { proxyUrl: proxy.url, platform: 'linux/amd64', progress: false, out: (l) => lines.push(l) });
+    const [summary] = await warm([`${registry.hostPort}/warm/app:v1`], { proxyUrl: proxy.url, platforms: ['linux/amd64'], progress: false, out: (l) => lines.push(l) });
     const amd64 = index.images.find((i) => i.architecture === 'amd64')!;
     assert.equal(summary!.manifests, 2, 'the index and the amd64 manifest');
     assert.equal(summary!.blobs, 1 + amd64.layerDigests.length);
@@ -57,6 +62,54 @@ describe('pullthrough warm', () => {
     assert.equal(first!.manifests, 3);
     const [second] = await warm([`${registry.hostPort}/warm/app:v1`], { proxyUrl: proxy.url, progress: false, out: () => {} });
     assert.deepEqual(second!.cache, { HIT: second!.blobs });
+  });
+
+  test('--platform linux/amd64,linux/arm64 on a 3-platform index fetches exactly those two, not the third', async () => {
+    const [amd64, arm64, s390x] = three.images;
+    const blobsOf = (img: typeof amd64) => [img!.configDigest, ...img!.layerDigests];
+    registry.resetCounts();
+    const cli = (...args: string[]) => run(process.execPath, [join(import.meta.dirname, '../../src/cli.ts'), 'warm', `${registry.hostPort}/warm/three:v1`, '--proxy', proxy.url, ...args], { env: envWithoutProxies(), timeoutMs: 120_000 });
+    const two = new Set([...blobsOf(amd64), ...blobsOf(arm64)]).size;
+    const first = await cli('--platform', 'linux/amd64,linux/arm64');
+    assert.equal(first.code, 0, first.stderr);
+    assert.match(first.stdout, new RegExp(`warm/three:v1: 3 manifests, ${two} blobs, .* \\(${two} MISS\\)`));
+    await registry.settle();
+    const served = registry.requests().filter((r) => r.repository === 'warm/three');
+    const manifests = served.filter((r) => r.kind === 'manifest' && r.method === 'GET').map((r) => r.reference).sort();
+    assert.deepEqual(manifests, ['v1', amd64!.manifestDigest, arm64!.manifestDigest].sort(), JSON.stringify(served));
+    const blobs = served.filter((r) => r.kind === 'blob' && r.method === 'GET').map((r) => r.reference).sort();
+    assert.deepEqual(blobs, [...blobsOf(amd64), ...blobsOf(arm64)].sort(), 'each blob of the two platforms, once');
+    for (const digest of [s390x!.manifestDigest, ...blobsOf(s390x)]) assert.ok(!served.some((r) => r.reference === digest), `nothing of linux/s390x: ${digest}`);
+
+    // The option repeated means the same; the two platforms are cached now.
+    registry.resetCounts();
+    const again = await cli('--platform', 'linux/amd64', '--platform', 'linux/arm64');
+    assert.equal(again.code, 0, again.stderr);
+    assert.match(again.stdout, new RegExp(`3 manifests, ${two} blobs, .* \\(${two} HIT\\)`));
+    await registry.settle();
+    assert.equal(registry.count({ kind: 'blob' }), 0);
+
+    // A platform the index lacks is said; one that is not a platform is a usage error.
+    const partial = await warm([{ image: `${registry.hostPort}/warm/three:v1`, platforms: ['linux/arm64', 'windows/amd64'] }], { proxyUrl: proxy.url, progress: false, out: () => {} });
+    assert.deepEqual(partial[0]!.platforms, ['linux/arm64/v8']);
+    assert.deepEqual(partial[0]!.missing, ['windows/amd64']);
+    const wrong = await cli('--platform', 'linux');
+    assert.equal(wrong.code, 2);
+    assert.match(wrong.stderr, /--platform: "linux" is not a platform: expected os\/arch/);
+  });
+
+  test('with failed: a failing image is reported and the others go on', async () => {
+    const failed: string[] = [];
+    const summaries = await warm([`${registry.hostPort}/warm/nothing:v1`, `${registry.hostPort}/warm/app:v1`, 'registry.test:1/warm/app:v1'], {
+      proxyUrl: proxy.url,
+      progress: false,
+      out: () => {},
+      failed: (image, err) => failed.push(`${image} ${err.message}`),
+    });
+    assert.deepEqual(summaries.map((s) => s.image), [`${registry.hostPort}/warm/app:v1`]);
+    assert.equal(failed.length, 2);
+    assert.match(failed[0]!, /warm\/nothing:v1 .*404/);
+    assert.match(failed[1]!, /^registry\.test:1\/warm\/app:v1 registry\.test:1 is not intercepted/);
   });
 
   test('a wrong image or a proxy that is not there is a clear error', async () => {
