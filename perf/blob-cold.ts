@@ -3,7 +3,7 @@
 // reads the growing file. Measured against nginx serving the same blob directly, and against a single
 // client's cold download through a fresh proxy.
 //
-//   node perf/blob-cold.ts [--size 1GiB] [--repeat 3] [--clients 8]
+//   node perf/blob-cold.ts [--size 1GiB] [--repeat 3] [--clients 8] [--cli PATH]
 //
 // Each repetition runs, in this order: direct-1, cold-1, direct-N, cold-N. Every cold-* run gets a
 // proxy of its own with a fresh, empty data dir, warmed up on two small blobs of its own (leaf minted,
@@ -35,6 +35,8 @@ interface Options {
   size: number;
   repeat: number;
   clients: number;
+  /** Another build of the proxy's cli (e.g. one commit's, built apart from the working tree). */
+  cli?: string;
 }
 
 type Scenario = 'direct-1' | 'cold-1' | 'direct-N' | 'cold-N';
@@ -56,11 +58,12 @@ function parseOptions(argv: string[]): Options {
       size: { type: 'string', default: '1GiB' },
       repeat: { type: 'string', default: '3' },
       clients: { type: 'string', default: '8' },
+      cli: { type: 'string' },
       help: { type: 'boolean', default: false },
     },
   });
   if (values.help) {
-    process.stdout.write(`usage: node perf/${NAME}.ts [--size 1GiB] [--repeat 3] [--clients 8]\n`);
+    process.stdout.write(`usage: node perf/${NAME}.ts [--size 1GiB] [--repeat 3] [--clients 8] [--cli PATH]\n`);
     process.exit(0);
   }
   const size = parseSize(values.size);
@@ -69,7 +72,7 @@ function parseOptions(argv: string[]): Options {
   if (size < 1) throw new Error(`--size ${values.size}: must be at least 1 byte`);
   if (!Number.isInteger(repeat) || repeat < 1) throw new Error(`--repeat ${values.repeat}: must be a positive integer`);
   if (!Number.isInteger(clients) || clients < 2) throw new Error(`--clients ${values.clients}: must be an integer ≥ 2`);
-  return { size, repeat, clients };
+  return { size, repeat, clients, ...(values.cli ? { cli: values.cli } : {}) };
 }
 
 async function runScenario(origin: Origin, scenario: Scenario, options: Options, repetition: number): Promise<Run> {
@@ -81,7 +84,7 @@ async function runScenario(origin: Origin, scenario: Scenario, options: Options,
     const run = await measureClients({ origin, blob, route: directBlobRoute(origin, blob), clients, together: true });
     return { scenario: label, repetition, ...run };
   }
-  const fresh = await startProxyIn({ origin, dir: proxyDir(origin.dir, `${label}-${repetition}`) });
+  const fresh = await startProxyIn({ origin, dir: proxyDir(origin.dir, `${label}-${repetition}`), ...(options.cli ? { cli: options.cli } : {}) });
   try {
     const idleRss = readStatusKiB(fresh.proxy.pid, 'VmRSS') / 1024;
     await warmUpProxy(origin, fresh.proxy, warmUpBlobs);

@@ -2,7 +2,7 @@
 // over CONNECT, kept alive) at a fixed request rate, side by side with nginx serving the same manifest
 // bytes, with the same Content-Type, over TLS with keep-alive at the same rates.
 //
-//   node perf/manifest-hit.ts [--rates 500,2000] [--duration 10s] [--warm-up 2s] [--repeat 3] [--connections 8] [--commit REV]
+//   node perf/manifest-hit.ts [--rates 500,2000] [--duration 10s] [--warm-up 2s] [--repeat 3] [--connections 8] [--commit REV | --cli PATH]
 //
 // The upstream is a real registry (docker-registry 2.8, test/helpers/registry.ts) holding a small OCI
 // image whose manifest has 8 layers (~1.3 KB). The tag is fetched through the proxy once (X-Cache: MISS)
@@ -31,7 +31,7 @@ import { PeakRssSampler, readCounters, readCountersOf, readMachineBusySeconds, r
 import { startProxyProcess, type ProxyProcess } from './lib/proxy.ts';
 import { CONTAINERD_ACCEPT, countUpstream, pushSmallImage, REGISTRY_HOST, startUpstreamRegistry, upstreamPolicy, type Upstream, type UpstreamCounts } from './lib/registry.ts';
 import { fixed, formatTable, median, roundNumbers } from './lib/report.ts';
-import { buildCommit, describeSource, sourceLine } from './lib/source.ts';
+import { buildCommit, describeCli, describeSource, sourceLine } from './lib/source.ts';
 
 const NAME = 'manifest-hit';
 const REPOSITORY = 'bench/manifest-hit';
@@ -55,6 +55,8 @@ interface Options {
   connections: number;
   /** Build the proxy from this commit instead of the working tree. */
   commit?: string;
+  /** Run this build's cli.js instead (e.g. one made apart from the working tree). */
+  cli?: string;
 }
 
 interface ServerFigures {
@@ -113,7 +115,7 @@ interface Summary {
 }
 
 function parseOptions(argv: string[]): Options {
-  const usage = `usage: node perf/${NAME}.ts [--rates 500,2000] [--duration 10s] [--warm-up 2s] [--repeat 3] [--connections 8] [--commit REV]\n`;
+  const usage = `usage: node perf/${NAME}.ts [--rates 500,2000] [--duration 10s] [--warm-up 2s] [--repeat 3] [--connections 8] [--commit REV | --cli PATH]\n`;
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -123,6 +125,7 @@ function parseOptions(argv: string[]): Options {
       repeat: { type: 'string', default: '3' },
       connections: { type: 'string', default: '8' },
       commit: { type: 'string' },
+      cli: { type: 'string' },
       // Passed by `npm run perf -- --size … --clients …` to every benchmark; meaningless here.
       size: { type: 'string' },
       clients: { type: 'string' },
@@ -143,7 +146,8 @@ function parseOptions(argv: string[]): Options {
   if (warmUpMs > 60_000) throw new Error(`--warm-up ${values['warm-up']}: at most 60s`);
   if (!Number.isInteger(repeat) || repeat < 1) throw new Error(`--repeat ${values.repeat}: must be a positive integer`);
   if (!Number.isInteger(connections) || connections < 1 || connections > 256) throw new Error(`--connections ${values.connections}: 1–256`);
-  return { rates, durationMs, warmUpMs, repeat, connections, ...(values.commit ? { commit: values.commit } : {}) };
+  if (values.commit && values.cli) throw new Error('--commit and --cli: one or the other');
+  return { rates, durationMs, warmUpMs, repeat, connections, ...(values.commit ? { commit: values.commit } : {}), ...(values.cli ? { cli: values.cli } : {}) };
 }
 
 interface Bench {
@@ -161,7 +165,7 @@ async function main(): Promise<void> {
   const started = performance.now();
   const dir = makeTempDir(NAME);
   const built = options.commit ? buildCommit(options.commit, join(dir, 'build')) : undefined;
-  const source = built?.source ?? describeSource();
+  const source = built?.source ?? (options.cli ? describeCli(options.cli) : describeSource());
   const upstream = await startUpstreamRegistry(dir);
   let nginx: NginxOrigin | undefined;
   let proxy: ProxyProcess | undefined;
@@ -190,7 +194,7 @@ async function main(): Promise<void> {
     proxy = await startProxyProcess({
       dir: join(dir, 'proxy'),
       policy: upstreamPolicy(upstream, ['manifests:', `  defaultTtl: ${TTL}`]),
-      ...(built ? { cli: built.cli } : {}),
+      ...(built ? { cli: built.cli } : options.cli ? { cli: options.cli } : {}),
     });
     const proxyCaPem = readFileSync(proxy.caFile, 'utf8');
     const proxyIdleRssMiB = readStatusKiB(proxy.pid, 'VmRSS') / 1024;

@@ -53,7 +53,10 @@ export class InterceptedSessions {
       secureContext: context,
       SNICallback: (servername, done) => {
         if (normaliseName(servername) === target.host) {
-          done(null, context);
+          // The session keeps `context`. Handed it again, Node would put only its last certificate into
+          // the session (an SNI context is applied one certificate at a time), and the handshake could no
+          // longer choose the ECDSA leaf (see ca.ts).
+          done(null);
           return;
         }
         foreignName = servername.slice(0, 253);

@@ -76,7 +76,9 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
   const algorithm = task.digest.startsWith('sha512:') ? 'sha512' : 'sha256';
   const expectedHex = task.digest.slice(task.digest.indexOf(':') + 1);
   const hash = createHash(algorithm);
-  await mkdir(path.dirname(task.partPath), { recursive: true });
+  // Opened while the first request is under way (private images among them: the proxy's alone), so that
+  // the clients are told of the response without waiting for the file; removed in the end unless renamed.
+  const opening = openPart(task.partPath);
   let file: FileHandle | undefined;
   const writer = new BatchWriter(hash, (bytes) => send({ type: 'progress', bytes }));
   let size: number | undefined;
@@ -142,11 +144,13 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
           size = contentLength(response.headers);
           // The file exists before anyone is told, so every reader can open it. A retry from byte 0 (cut
           // before the first byte) writes into the same file.
-          try {
-            file ??= await open(task.partPath, 'w', 0o600); // private images among them: the proxy's alone
-          } catch (err) {
-            discard(response.body);
-            return { kind: 'failed', reason: `cannot create the cache file: ${describe(err)}`, offset: 0, writeError: true };
+          if (!file) {
+            const opened = await opening;
+            if (opened instanceof Error) {
+              discard(response.body);
+              return { kind: 'failed', reason: `cannot create the cache file: ${describe(opened)}`, offset: 0, writeError: true };
+            }
+            file = opened;
           }
           writer.file = file;
           send({ type: 'response', size, mediaType: headerValue(response.headers['content-type']), hops, from: urlForLog(url) });
@@ -194,16 +198,44 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
       await file!.datasync();
       await file!.close();
       file = undefined;
-      await mkdir(path.dirname(task.blobPath), { recursive: true });
-      await rename(task.partPath, task.blobPath);
+      await renameInto(task.partPath, task.blobPath);
     } catch (err) {
       return { kind: 'failed', reason: `cannot store the verified blob: ${describe(err)}`, offset: writer.written, writeError: true, verified: true };
     }
     return { kind: 'committed', size: writer.written };
   } finally {
     await file?.close().catch(() => {});
+    // Opened early and never used (upstream refused, or failed before its first byte).
+    const opened = await opening;
+    if (!(opened instanceof Error) && !writer.file) await opened.close().catch(() => {});
     // Whatever did not become a blob goes: never a partial file where a blob could be looked for.
     await rm(task.partPath, { force: true }).catch(() => {});
+  }
+}
+
+/** The .part file, created for writing (0600); its directory made only when missing. Never rejects. */
+async function openPart(partPath: string): Promise<FileHandle | Error> {
+  try {
+    return await open(partPath, 'w', 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') return err as Error;
+  }
+  try {
+    await mkdir(path.dirname(partPath), { recursive: true });
+    return await open(partPath, 'w', 0o600);
+  } catch (err) {
+    return err as Error;
+  }
+}
+
+/** Renames the verified file into the store, making its directory only when it is missing. */
+async function renameInto(partPath: string, blobPath: string): Promise<void> {
+  try {
+    await rename(partPath, blobPath);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    await mkdir(path.dirname(blobPath), { recursive: true });
+    await rename(partPath, blobPath);
   }
 }
 

@@ -33,6 +33,8 @@ export interface SideBySideOptions {
   clients: number[];
   /** Write a V8 CPU profile of the proxy here (it slows the proxy: figures are then not comparable). */
   profileDir?: string;
+  /** Another build of the proxy's cli (ProxyOptions.cli), e.g. one commit's built apart from the working tree. */
+  cli?: string;
 }
 
 export interface SideBySideConfig {
@@ -105,7 +107,7 @@ interface Ratios {
 }
 
 export function parseSideBySideOptions(name: string, argv: string[]): SideBySideOptions {
-  const usage = `usage: node perf/${name}.ts [--size 1GiB] [--repeat 3] [--clients 1,4] [--profile DIR]\n`;
+  const usage = `usage: node perf/${name}.ts [--size 1GiB] [--repeat 3] [--clients 1,4] [--profile DIR] [--cli PATH]\n`;
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -113,6 +115,7 @@ export function parseSideBySideOptions(name: string, argv: string[]): SideBySide
       repeat: { type: 'string', default: '3' },
       clients: { type: 'string', default: '1,4' },
       profile: { type: 'string' },
+      cli: { type: 'string' },
       help: { type: 'boolean', default: false },
     },
   });
@@ -126,7 +129,7 @@ export function parseSideBySideOptions(name: string, argv: string[]): SideBySide
   if (size < 1) throw new Error(`--size ${values.size}: must be at least 1 byte`);
   if (!Number.isInteger(repeat) || repeat < 1) throw new Error(`--repeat ${values.repeat}: must be a positive integer`);
   if (clients.some((n) => !Number.isInteger(n) || n < 1)) throw new Error(`--clients ${values.clients}: must be positive integers, e.g. 1,4`);
-  return { size, repeat, clients, ...(values.profile ? { profileDir: values.profile } : {}) };
+  return { size, repeat, clients, ...(values.profile ? { profileDir: values.profile } : {}), ...(values.cli ? { cli: values.cli } : {}) };
 }
 
 /** The whole benchmark: set up, prepare, warm up, measure, report; cleans up however it ends. */
@@ -187,6 +190,7 @@ async function setUp(config: SideBySideConfig, options: SideBySideOptions, progr
     policy: registryPolicy(origin, config.policyExtra),
     // Absolute: the proxy runs in its own (temporary) working directory.
     ...(options.profileDir ? { nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${resolve(options.profileDir)}`] } : {}),
+    ...(options.cli ? { cli: options.cli } : {}),
   });
   // Its RSS before any request: what the peaks of the runs are to be compared with.
   const proxyIdleRssMiB = readStatusKiB(proxy.pid, 'VmRSS') / 1024;

@@ -1,8 +1,8 @@
 // Which sources a benchmark measured: the proxy is built from the working tree (perf/lib/proxy.ts), so
 // the commit alone does not say what ran when files under src/, config/ or workers/ are modified.
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, symlinkSync } from 'node:fs';
-import { join } from 'node:path';
+import { mkdirSync, readFileSync, symlinkSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
@@ -10,8 +10,8 @@ const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const BUILT_FROM = ['src', 'config', 'workers'];
 
 export interface SourceState {
-  /** What the proxy was built from: the working tree (as `npm start`), or one commit (`--commit`). */
-  builtFrom: 'working tree' | 'commit';
+  /** What the proxy was built from: the working tree (as `npm start`), one commit (`--commit`), or another build's cli (`--cli`). */
+  builtFrom: 'working tree' | 'commit' | 'cli';
   /** The commit built, or HEAD's for the working tree; 'unknown' outside a git checkout. */
   commit: string;
   /** Files under src/, config/, workers/ that differ from HEAD (modified, added, untracked). */
@@ -31,9 +31,24 @@ export function describeSource(): SourceState {
   return { builtFrom: 'working tree', commit: head.stdout.trim(), modified };
 }
 
+/**
+ * Another build of the proxy, run as it is (`--cli PATH`: its dist/src/cli.js): `commit` holds the path,
+ * and what it was built from is whatever made it (a BUILD_INFO file beside its dist/, when there is one).
+ */
+export function describeCli(cli: string): SourceState {
+  let info = '';
+  try {
+    info = readFileSync(join(dirname(dirname(dirname(cli))), 'BUILD_INFO'), 'utf8').trim();
+  } catch {
+    // no description beside it
+  }
+  return { builtFrom: 'cli', commit: info ? `${cli} (${info})` : cli, modified: [] };
+}
+
 /** "proxy built from commit 1234567890ab", "… working tree at commit …, sources clean" or "… + 2 uncommitted files (…)". */
 export function sourceLine(source: SourceState): string {
   if (source.builtFrom === 'commit') return `proxy built from commit ${source.commit.slice(0, 12)} (git archive; the working tree is not used)`;
+  if (source.builtFrom === 'cli') return `proxy run from another build: ${source.commit}`;
   const commit = `proxy built from the working tree at commit ${source.commit.slice(0, 12)}`;
   if (source.modified.length === 0) return `${commit}, sources clean`;
   const shown = source.modified.slice(0, 6).join(', ') + (source.modified.length > 6 ? ', …' : '');

@@ -16,17 +16,18 @@ import { MAX_CACHED_TOKENS, MAX_EXCHANGES_IN_FLIGHT, TokenExchange } from '../..
 import { MiB, startCacheRig, type CacheRig } from '../helpers/cache-rig.ts';
 import { httpOverSocket, sendConnect } from '../helpers/connect.ts';
 import { scrape } from '../helpers/prometheus.ts';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Dispatcher } from 'undici';
 
 /** CONNECT to the registry, then a TLS handshake with this server name; resolves with the session or rejects. */
-async function handshake(rig: CacheRig, servername: string | undefined): Promise<tls.TLSSocket> {
+async function handshake(rig: CacheRig, servername: string | undefined, options: tls.ConnectionOptions = {}): Promise<tls.TLSSocket> {
   const reply = await sendConnect(rig.proxy.port, `${rig.registry.host}:${rig.registry.port}`);
   assert.equal(reply.status, 200, reply.head);
   return new Promise((resolve, reject) => {
-    const secure = tls.connect({ socket: reply.socket, ...(servername !== undefined ? { servername } : {}), ca: rig.proxy.caPem, checkServerIdentity: () => undefined }, () => resolve(secure));
+    const secure = tls.connect({ socket: reply.socket, ...(servername !== undefined ? { servername } : {}), ca: rig.proxy.caPem, checkServerIdentity: () => undefined, ...options }, () => resolve(secure));
     secure.once('error', reject);
   });
 }
@@ -72,6 +73,37 @@ describe('TLS server names on intercepted sessions', () => {
     }
   });
 
+  test('the leaf is ECDSA for clients that offer it (Go\'s order of preference too), RSA for the others', async () => {
+    const leaf = async (options: tls.ConnectionOptions) => {
+      const socket = await handshake(rig, rig.registry.host, options);
+      const certificate = socket.getPeerX509Certificate()!;
+      assert.ok(certificate.checkHost(rig.registry.host));
+      const response = await httpOverSocket(socket, 'GET', '/v2/', rig.registry.hostPort);
+      assert.ok(response.status > 0, 'the session serves requests');
+      return `${certificate.publicKey.asymmetricKeyType} ${socket.getCipher().name}`;
+    };
+    assert.equal(await leaf({}), 'ec TLS_AES_128_GCM_SHA256');
+    // Go's crypto/tls (skopeo, podman, containerd, docker) lists RSA-PSS before ECDSA.
+    assert.equal(await leaf({ sigalgs: 'rsa_pss_rsae_sha256:ecdsa_secp256r1_sha256:ed25519:rsa_pss_rsae_sha384:rsa_pkcs1_sha256', ciphers: 'TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384' }), 'ec TLS_AES_128_GCM_SHA256');
+    assert.equal(await leaf({ sigalgs: 'rsa_pss_rsae_sha256:rsa_pkcs1_sha256' }), 'rsa TLS_AES_128_GCM_SHA256');
+    // OpenSSL's client through the proxy (s_client -proxy sends the CONNECT).
+    const caFile = path.join(dataDir, 'sessions-test-ca.crt');
+    writeFileSync(caFile, rig.proxy.caPem);
+    for (const [sigalgs, type] of [['ECDSA+SHA256', 'ECDSA'], ['RSA-PSS+SHA256', 'RSA-PSS']] as const) {
+      const out = await new Promise<string>((resolve, reject) => {
+        const client = execFile(
+          'openssl',
+          ['s_client', '-proxy', `127.0.0.1:${rig.proxy.port}`, '-connect', rig.registry.hostPort, '-servername', rig.registry.host, '-sigalgs', sigalgs, '-verify_return_error', '-CAfile', caFile],
+          { timeout: 10_000 },
+          (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout + stderr)),
+        );
+        client.stdin?.end();
+      });
+      assert.match(out, new RegExp(`Peer signature type: ${type}\\b`), sigalgs);
+      assert.match(out, /Verify return code: 0 \(ok\)/, sigalgs);
+    }
+  });
+
   test('another name fails the handshake: no leaf, no context, no metric label, nothing stored', async () => {
     const before = rig.proxy.proxy.ca.leafExpiries().map((l) => l.host);
     assert.deepEqual(before, [rig.registry.host]);
@@ -94,8 +126,9 @@ describe('TLS server names on intercepted sessions', () => {
     const index = openIndex(dataDir);
     try {
       const leaves: Database<string, string> = index.root.openDB({ name: 'leaf-certificates', encoding: 'string' });
-      const names = [...leaves.getKeys()].map((key) => String(key).slice(String(key).indexOf('/') + 1));
-      assert.deepEqual(names, [rig.registry.host]);
+      // "<CA fingerprint>/<host>" (RSA) and "<CA fingerprint>/ecdsa/<host>".
+      const names = [...leaves.getKeys()].map((key) => String(key).slice(String(key).indexOf('/') + 1)).sort();
+      assert.deepEqual(names, [`ecdsa/${rig.registry.host}`, rig.registry.host]);
     } finally {
       await index.close();
     }
