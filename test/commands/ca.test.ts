@@ -18,7 +18,8 @@ test('ca prints the CA; ca rotate makes a new one, keeps the old pair and drops 
   assert.match(describeCa(dir), new RegExp(`fingerprint: SHA256 ${old.fingerprint}[\\s\\S]*BEGIN CERTIFICATE`));
 
   const report = await rotateCa(dir);
-  assert.match(report, /1 leaf certificates dropped/);
+  // One host, two leaves: ECDSA and RSA.
+  assert.match(report, /2 leaf certificates dropped/);
   const kept = readdirSync(dir).filter((f) => f.startsWith('ca.key.old-'));
   assert.equal(kept.length, 1);
   assert.equal(statSync(path.join(dir, kept[0]!)).mode & 0o777, 0o600, 'the old key stays private');
@@ -46,7 +47,8 @@ test('with a CA directory of its own, ca rotate replaces the CA there and drops 
   assert.match(describeCa(caDir), new RegExp(`file:\\s+${path.join(caDir, 'ca.crt')}`));
 
   const report = await rotateCa(caDir, dataDir);
-  assert.match(report, /1 leaf certificates dropped/);
+  // One host, two leaves: ECDSA and RSA.
+  assert.match(report, /2 leaf certificates dropped/);
   index = openIndex(dataDir);
   const { ca: fresh } = CertificateAuthority.loadOrCreate(caDir, index.leafCertificates, dataDir);
   assert.notEqual(fresh.fingerprint, leftOver.fingerprint, 'a new CA, not the one left in the data directory');
