@@ -79,7 +79,7 @@ function parseOptions(argv: string[]): Options {
     },
   });
   if (values.help) {
-    process.stdout.write(`usage: node perf/${NAME}.ts [--clients 8,32] [--repeat 20] [--leaves rsa,ecdsa] [--commit REV | --cli PATH]\n`);
+    process.stdout.write(`usage: node perf/${NAME}.ts [--clients 8,32] [--repeat 20] [--leaves rsa,ecdsa] [--commit REV | --cli PATH] [--profile DIR]\n`);
     process.exit(0);
   }
   const clients = values.clients.split(',').map(Number);

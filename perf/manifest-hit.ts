@@ -2,7 +2,7 @@
 // over CONNECT, kept alive) at a fixed request rate, side by side with nginx serving the same manifest
 // bytes, with the same Content-Type, over TLS with keep-alive at the same rates.
 //
-//   node perf/manifest-hit.ts [--rates 500,2000] [--duration 10s] [--warm-up 2s] [--repeat 3] [--connections 8] [--commit REV | --cli PATH]
+//   node perf/manifest-hit.ts [--rates 500,2000] [--duration 10s] [--warm-up 2s] [--repeat 3] [--connections 8] [--commit REV | --cli PATH] [--profile DIR]
 //
 // The upstream is a real registry (docker-registry 2.8, test/helpers/registry.ts) holding a small OCI
 // image whose manifest has 8 layers (~1.3 KB). The tag is fetched through the proxy once (X-Cache: MISS)
@@ -18,7 +18,7 @@
 // benchmark) are accepted and ignored. `--commit REV` measures the proxy of that commit (built into the
 // temp dir) instead of the working tree's.
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import type { Pool } from 'undici';
 import { parseDuration } from '../config/units.ts';
@@ -57,6 +57,8 @@ interface Options {
   commit?: string;
   /** Run this build's cli.js instead (e.g. one made apart from the working tree). */
   cli?: string;
+  /** Write a V8 CPU profile of the proxy here (it slows the proxy: figures are then not comparable). */
+  profile?: string;
 }
 
 interface ServerFigures {
@@ -115,7 +117,7 @@ interface Summary {
 }
 
 function parseOptions(argv: string[]): Options {
-  const usage = `usage: node perf/${NAME}.ts [--rates 500,2000] [--duration 10s] [--warm-up 2s] [--repeat 3] [--connections 8] [--commit REV | --cli PATH]\n`;
+  const usage = `usage: node perf/${NAME}.ts [--rates 500,2000] [--duration 10s] [--warm-up 2s] [--repeat 3] [--connections 8] [--commit REV | --cli PATH] [--profile DIR]\n`;
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -126,6 +128,7 @@ function parseOptions(argv: string[]): Options {
       connections: { type: 'string', default: '8' },
       commit: { type: 'string' },
       cli: { type: 'string' },
+      profile: { type: 'string' },
       // Passed by `npm run perf -- --size … --clients …` to every benchmark; meaningless here.
       size: { type: 'string' },
       clients: { type: 'string' },
@@ -147,7 +150,7 @@ function parseOptions(argv: string[]): Options {
   if (!Number.isInteger(repeat) || repeat < 1) throw new Error(`--repeat ${values.repeat}: must be a positive integer`);
   if (!Number.isInteger(connections) || connections < 1 || connections > 256) throw new Error(`--connections ${values.connections}: 1–256`);
   if (values.commit && values.cli) throw new Error('--commit and --cli: one or the other');
-  return { rates, durationMs, warmUpMs, repeat, connections, ...(values.commit ? { commit: values.commit } : {}), ...(values.cli ? { cli: values.cli } : {}) };
+  return { rates, durationMs, warmUpMs, repeat, connections, ...(values.commit ? { commit: values.commit } : {}), ...(values.cli ? { cli: values.cli } : {}), ...(values.profile ? { profile: values.profile } : {}) };
 }
 
 interface Bench {
@@ -195,6 +198,8 @@ async function main(): Promise<void> {
       dir: join(dir, 'proxy'),
       policy: upstreamPolicy(upstream, ['manifests:', `  defaultTtl: ${TTL}`]),
       ...(built ? { cli: built.cli } : options.cli ? { cli: options.cli } : {}),
+      // Absolute: the proxy runs in its own (temporary) working directory.
+      ...(options.profile ? { nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${resolve(options.profile)}`] } : {}),
     });
     const proxyCaPem = readFileSync(proxy.caFile, 'utf8');
     const proxyIdleRssMiB = readStatusKiB(proxy.pid, 'VmRSS') / 1024;

@@ -40,7 +40,7 @@ import { makeTempDir, runBenchmark } from './lib/cleanup.ts';
 import { headRequest, proxiedRoute } from './lib/curl.ts';
 import { startHubOrigin, type HubOrigin, type HubRequest, type HubSite } from './lib/hub-origin.ts';
 import { describeEnvironment, environmentLine, progressTo } from './lib/measure.ts';
-import { readCounters, readCountersOf, readMachineBusySeconds, subtractCounters } from './lib/procfs.ts';
+import { readCounters, readMachineBusySeconds } from './lib/procfs.ts';
 import { startProxyProcess, type ProxyProcess } from './lib/proxy.ts';
 import { fixed, formatTable, median, roundNumbers } from './lib/report.ts';
 import { startSeedNginx } from './lib/seed-nginx.ts';
@@ -327,14 +327,16 @@ async function measureRun(
       : { image: `${route === 'seed' ? at.seed!.address : bench.hub.registryAddress}/${repository}:${TAG}`, registryCaPem: bench.ca.certPem };
   const logMark = bench.origin.nginx.accessLog!.mark();
   const proxyLogMark = at.proxy ? statSync(at.proxy.stdoutFile).size : 0;
-  let serverBefore = 0;
+  let serverBefore = new Map<number, number>();
   let machineBefore = 0;
-  const serverCpu = () => (at.proxy ? readCounters(at.proxy.pid).cpuSeconds : route === 'seed' ? readCountersOf(at.seed!.pids()).cpuSeconds : 0);
+  // Per process: nginx's cache loader exits a minute after start, so the seed's processes come and go.
+  const serverCpu = () => cpuByPid(at.proxy ? [at.proxy.pid] : route === 'seed' ? at.seed!.pids() : []);
   const run = await runSkopeoClients(clients, skopeoRoute, makeDir(dir), () => {
     serverBefore = serverCpu();
     machineBefore = readMachineBusySeconds();
   });
-  const serverCpuSeconds = serverCpu() - serverBefore;
+  const serverAfter = serverCpu();
+  const serverCpuSeconds = [...serverAfter].reduce((sum, [pid, seconds]) => sum + (serverBefore.has(pid) ? seconds - serverBefore.get(pid)! : 0), 0);
   const machineSeconds = readMachineBusySeconds() - machineBefore;
   for (const [i, client] of run.clients.entries()) {
     if (client.code !== 0) throw new Error(`${scenario}: skopeo client ${i} failed, exit ${client.code}:\n${client.stderr.slice(-2000)}`);
@@ -360,6 +362,19 @@ async function measureRun(
     ...(at.proxy ? { proxyAnswers: proxyAnswers(at.proxy.stdoutFile, proxyLogMark) } : {}),
     machineCores: machineSeconds / run.wallSeconds,
   };
+}
+
+/** CPU seconds of each of these processes that is still running. */
+function cpuByPid(pids: readonly number[]): Map<number, number> {
+  const cpu = new Map<number, number>();
+  for (const pid of pids) {
+    try {
+      cpu.set(pid, readCounters(pid).cpuSeconds);
+    } catch {
+      // exited (nginx's cache loader does, after its first minute)
+    }
+  }
+  return cpu;
 }
 
 function countRequests(requests: readonly HubRequest[]): Run['upstream'] {
