@@ -24,7 +24,7 @@ import type { CertificateAuthority } from './ca.ts';
 import { pathForLog, type Logger } from './log.ts';
 import { authenticateProxyUser } from './proxy-users.ts';
 import { sendRegistryError } from './registry/errors.ts';
-import type { RegistryHandler } from './registry/handler.ts';
+import { hostHeaderFor, type RegistryHandler } from './registry/handler.ts';
 import { forwardTokenRequest, onlyPullScopes } from './registry/token-requests.ts';
 import { clientAuthorization, type UpstreamAuth } from './registry/upstream-auth.ts';
 import { answerFailure, withErrorAnswers } from './request-failures.ts';
@@ -108,7 +108,7 @@ export function createMirror(deps: MirrorDeps): MirrorFront {
     const registry = named ? policy.registries.get(decodeURIComponent(named)) : registryOfScopes(url, policy, mirror);
     if (!registry) return refuse(404, 'NAME_UNKNOWN', named ? 'no such registry in the policy' : 'the scope names no registry this mirror serves, and it has no default (mirror.default)');
     const upstream = upstreamConfig(registry, policy.hosts, policy.ipv6);
-    const challenge = await deps.auth.registryChallenge({ registry, upstream, hostHeader: hostHeaderOf(registry) });
+    const challenge = await deps.auth.registryChallenge({ registry, upstream, hostHeader: hostHeaderFor(registry) });
     const realm = challenge?.scheme === 'bearer' && challenge.params.realm ? URL.parse(challenge.params.realm) : null;
     if (!realm) return refuse(404, 'NOT_FOUND', `${registry.key} names no token service`);
     for (const [name, value] of realm.searchParams) if (!url.searchParams.has(name)) url.searchParams.set(name, value);
@@ -311,9 +311,4 @@ function serialise(challenge: Challenge): string {
   const scheme = challenge.scheme === 'bearer' ? 'Bearer' : challenge.scheme === 'basic' ? 'Basic' : challenge.scheme;
   const params = Object.entries(challenge.params).map(([name, value]) => `${name}="${value.replace(/["\\]/g, '\\$&')}"`);
   return params.length ? `${scheme} ${params.join(',')}` : scheme;
-}
-
-function hostHeaderOf(registry: RegistryPolicy): string {
-  const host = registry.host.includes(':') ? `[${registry.host}]` : registry.host;
-  return registry.port === (registry.http ? 80 : 443) ? host : `${host}:${registry.port}`;
 }

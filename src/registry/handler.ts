@@ -252,7 +252,7 @@ async function ping(req: IncomingMessage, res: ServerResponse, target: ForwardTa
 }
 
 /** host[:port] as clients write it: the port only when it is not the scheme's default. */
-function hostHeaderFor(registry: RegistryPolicy): string {
+export function hostHeaderFor(registry: RegistryPolicy): string {
   const host = registry.host.includes(':') ? `[${registry.host}]` : registry.host;
   return registry.port === (registry.http ? 80 : 443) ? host : `${host}:${registry.port}`;
 }
