@@ -1,6 +1,7 @@
 // The effective policy as YAML for `check-config`: every default filled in, every secret masked, and
 // itself a proxy.yaml: each registry shows only what it sets otherwise than the defaults it inherits
 // (which are printed once), and what has no proxy.yaml key (NOT_KEYS) is printed as a comment.
+import { formatPeer } from './cluster.ts';
 import type { MirrorPolicy } from './mirror.ts';
 import { Document, isMap, isScalar, Scalar, stringify, type YAMLMap } from 'yaml';
 import { proxyUrlForDisplay, type ManifestPolicy, type Policy, type Timeouts, type UpstreamProxy } from './policy.ts';
@@ -67,8 +68,19 @@ export function describePolicy(policy: Policy): string {
     // No token: state-changing admin actions are accepted from loopback clients only.
     admin: { ...(policy.admin.token ? { token: MASK } : {}), ...(policy.admin.tokenFile ? { tokenFile: policy.admin.tokenFile } : {}) },
     ...(policy.mirror ? { mirror: mirrorDescription(policy.mirror) } : {}),
+    ...(policy.cluster
+      ? {
+          cluster: {
+            peers: policy.cluster.peers.map(formatPeer),
+            self: formatPeer(policy.cluster.self),
+            listen: `${policy.cluster.listen.host.includes(':') ? `[${policy.cluster.listen.host}]` : policy.cluster.listen.host}:${policy.cluster.listen.port}`,
+            secret: MASK,
+            refresh: formatDuration(policy.cluster.refreshMs),
+          },
+        }
+      : {}),
     users: Object.fromEntries([...policy.users.values()].map((u) => [u.name, { password: MASK, read: u.read }])),
-    hosts: Object.fromEntries(policy.hosts),
+    hosts: Object.fromEntries([...policy.hosts].map(([name, addresses]) => [name, addresses.length === 1 ? addresses[0] : addresses])),
     ipv6: policy.ipv6,
     requestBuffering: policy.requestBuffering,
     workers: policy.workers,

@@ -1,5 +1,6 @@
 // Loads the policy: proxy.yaml (or the built-in default) → ${VAR} expansion → validation with
 // file:line:key messages → the seed's environment variables → PULLTHROUGH_* overrides.
+import { parseCluster } from './cluster.ts';
 import { parseMirror } from './mirror.ts';
 import { checkWarmRegistries, defaultWarm, parseWarm } from './warm.ts';
 import { existsSync, readFileSync } from 'node:fs';
@@ -83,7 +84,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   }
   const src: Source = { file, lines, env };
   const root = new Cursor(doc.contents as Cursor['node'], '', src);
-  const top = root.entries(['listen', 'dataDir', 'caDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'admin', 'users', 'hosts', 'ipv6', 'workers', 'mirror', 'warm']);
+  const top = root.entries(['listen', 'dataDir', 'caDir', 'cache', 'manifests', 'defaults', 'registries', 'tunnel', 'admin', 'users', 'hosts', 'ipv6', 'workers', 'mirror', 'warm', 'cluster']);
   const at = (key: string) => top.get(key) ?? new Cursor(null, key, src);
   const resolvePath = (p: string) => path.resolve(baseDir, p);
 
@@ -149,10 +150,14 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
     policy.users.set(name, parseUser(name, entry, resolvePath));
   }
   for (const [name, entry] of at('hosts').entries()) {
-    policy.hosts.set(name.toLowerCase(), entry.string());
+    // One address, or several (a name that stands for every replica of a cluster, as DNS would give them).
+    const addresses = isSeq(entry.node) ? entry.stringList() : [entry.string()];
+    if (addresses.length === 0) entry.fail('lists no address');
+    policy.hosts.set(name.toLowerCase(), addresses);
   }
   if (at('mirror').present) policy.mirror = parseMirror(at('mirror'), policy, resolvePath, parseListen);
   policy.warm = at('warm').present ? parseWarm(at('warm')) : defaultWarm();
+  if (at('cluster').present) policy.cluster = parseCluster(at('cluster'), parseListen);
   return policy;
 }
 

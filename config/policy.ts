@@ -1,6 +1,7 @@
 // The effective policy: what proxy.yaml (plus the environment) means once validated. Every other
 // module reads these types and never the raw YAML, so each key maps to exactly one place in the code.
 
+import type { ClusterPolicy } from './cluster.ts';
 import type { MirrorPolicy } from './mirror.ts';
 import type { WarmPolicy } from './warm.ts';
 
@@ -133,8 +134,8 @@ export interface Policy {
     tokenFile?: string;
   };
   users: Map<string, ProxyUser>;
-  /** Resolver overrides (name → address), consulted before the system resolver, like curl --resolve. */
-  hosts: Map<string, string>;
+  /** Resolver overrides (name → addresses), consulted before the system resolver, like curl --resolve. */
+  hosts: Map<string, string[]>;
   /** false: upstream connections use IPv4 only (the seed's DISABLE_IPV6). */
   ipv6: boolean;
   /** The seed's PROXY_REQUEST_BUFFERING: uploads are written whole to dataDir/tmp before they go upstream. */
@@ -145,6 +146,8 @@ export interface Policy {
   mirror?: MirrorPolicy;
   /** The images the running proxy keeps warm (none by default). */
   warm: WarmPolicy;
+  /** Cluster mode: several replicas, one cache (off when absent). */
+  cluster?: ClusterPolicy;
 }
 
 export function registryKey(host: string, port: number): string {

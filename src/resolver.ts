@@ -5,15 +5,14 @@ import dns from 'node:dns';
 import { isIP, type LookupFunction } from 'node:net';
 import { canonicalAddress } from '../config/policy.ts';
 
-export function createLookup(hosts: ReadonlyMap<string, string>, ipv6: boolean): LookupFunction {
+export function createLookup(hosts: ReadonlyMap<string, readonly string[]>, ipv6: boolean): LookupFunction {
   return (hostname, options, callback) => {
     const written = hosts.get(hostname.toLowerCase());
-    // An override in any IPv4 spelling ("2130706433") is the address it means.
-    const override = written === undefined ? undefined : (canonicalAddress(written) ?? written);
-    if (override) {
-      const family = isIP(override);
-      if (options.all) (callback as (e: null, a: dns.LookupAddress[]) => void)(null, [{ address: override, family }]);
-      else callback(null, override, family);
+    if (written) {
+      // An override in any IPv4 spelling ("2130706433") is the address it means.
+      const addresses = written.map((address) => canonicalAddress(address) ?? address).map((address) => ({ address, family: isIP(address) }));
+      if (options.all) (callback as (e: null, a: dns.LookupAddress[]) => void)(null, addresses);
+      else callback(null, addresses[0]!.address, addresses[0]!.family);
       return;
     }
     dns.lookup(hostname, { ...options, ...(ipv6 ? {} : { family: 4 }), all: options.all === true }, callback as (

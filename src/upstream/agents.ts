@@ -21,13 +21,13 @@ export interface UpstreamConfig {
   caPem?: string;
   verify: boolean;
   timeouts: Timeouts;
-  hosts: Array<[string, string]>;
+  hosts: Array<[string, string[]]>;
   ipv6: boolean;
   /** The forward proxy for this registry's traffic (credentials included: never log this object); absent: direct. */
   forwardProxy?: ForwardProxyConfig;
 }
 
-export function upstreamConfig(registry: RegistryPolicy, hosts: ReadonlyMap<string, string>, ipv6: boolean): UpstreamConfig {
+export function upstreamConfig(registry: RegistryPolicy, hosts: ReadonlyMap<string, readonly string[]>, ipv6: boolean): UpstreamConfig {
   const host = registry.host.includes(':') ? `[${registry.host}]` : registry.host;
   return {
     key: registry.key,
@@ -35,7 +35,7 @@ export function upstreamConfig(registry: RegistryPolicy, hosts: ReadonlyMap<stri
     ...(registry.tls.caPem ? { caPem: registry.tls.caPem } : {}),
     verify: registry.tls.verify,
     timeouts: registry.timeouts,
-    hosts: [...hosts],
+    hosts: [...hosts].map(([name, addresses]) => [name, [...addresses]]),
     ipv6,
     ...forwardProxyOf(registry),
   };

@@ -77,9 +77,19 @@ describe('CONNECT targets are read as the address they mean', () => {
   });
 
   test('hosts: overrides in any spelling resolve to the address they mean', async () => {
-    const lookup = createLookup(new Map([['odd.test', '2130706433'], ['mapped.test', '::ffff:10.0.0.1']]), true);
+    const lookup = createLookup(new Map([['odd.test', ['2130706433']], ['mapped.test', ['::ffff:10.0.0.1']]]), true);
     assert.deepEqual(await resolveAll(lookup, 'odd.test'), ['127.0.0.1']);
     assert.deepEqual(await resolveAll(lookup, 'mapped.test'), ['10.0.0.1']);
+  });
+
+  test('a hosts: override may give several addresses (every replica behind one name), in order', async () => {
+    const policy = parsePolicy('hosts:\n  peers.test: [127.0.0.21, 127.0.0.22, 127.0.0.23]\n  one.test: 127.0.0.9\n', 'proxy.yaml', {}, '/');
+    const lookup = createLookup(policy.hosts, true);
+    assert.deepEqual(await resolveAll(lookup, 'peers.test'), ['127.0.0.21', '127.0.0.22', '127.0.0.23']);
+    assert.deepEqual(await resolveAll(lookup, 'one.test'), ['127.0.0.9']);
+    const first = await new Promise<string>((resolve, reject) => lookup('peers.test', {}, (err, address) => (err ? reject(err) : resolve(address as string))));
+    assert.equal(first, '127.0.0.21');
+    assert.throws(() => parsePolicy('hosts:\n  peers.test: []\n', 'proxy.yaml', {}, '/'), /proxy\.yaml:2:.*lists no address/);
   });
 });
 
