@@ -151,11 +151,24 @@ export class CertificateAuthority {
       return cached.context;
     }
     const leaves = LEAF_KEY_TYPES.map((type) => this.leafFor(host, type, now));
-    const context = tls.createSecureContext({ ...LEAF_TLS_OPTIONS, cert: leaves.map((leaf) => leaf.certPem + this.certPem), key: LEAF_KEY_TYPES.map((type) => this.leafKeys[type].pem) });
+    const context = tls.createSecureContext(this.credentialsOf(leaves));
     this.contexts.delete(host); // a renewed leaf is the most recently used too
     this.contexts.set(host, { context, notAfter: Math.min(...leaves.map((leaf) => leaf.notAfter)) });
     if (this.contexts.size > MEMORY_CACHE_SIZE) this.contexts.delete(this.contexts.keys().next().value!);
     return context;
+  }
+
+  /**
+   * What a TLS server is created with to answer clients that send no SNI (an address) with this name's
+   * leaves: createServer ignores a secureContext option, and its SNICallback is only asked for a name.
+   */
+  serverOptionsFor(name: string): tls.SecureContextOptions {
+    const now = Date.now();
+    return this.credentialsOf(LEAF_KEY_TYPES.map((type) => this.leafFor(name.toLowerCase(), type, now)));
+  }
+
+  private credentialsOf(leaves: Array<{ certPem: string }>): tls.SecureContextOptions {
+    return { ...LEAF_TLS_OPTIONS, cert: leaves.map((leaf) => leaf.certPem + this.certPem), key: LEAF_KEY_TYPES.map((type) => this.leafKeys[type].pem) };
   }
 
   /**

@@ -138,7 +138,7 @@ export function createMirror(deps: MirrorDeps): MirrorFront {
     server = https.createServer(
       {
         // A client that sends no SNI (an address) gets the first name's certificate.
-        secureContext: deps.ca.secureContextFor(names[0]!),
+        ...deps.ca.serverOptionsFor(names[0]!),
         SNICallback: (servername, done) => done(null, deps.ca.secureContextFor(names.includes(servername.toLowerCase()) ? servername.toLowerCase() : names[0]!)),
       },
       onRequest,
