@@ -18,6 +18,8 @@ export interface AccessEntry {
   client?: string;
   /** The proxy user, when users are configured (never a credential). */
   user?: string;
+  /** Cluster mode: the replica that served the request, when it was not this one. */
+  peer?: string;
   ms: number;
   error?: string;
 }

@@ -1,7 +1,9 @@
 // Wires the parts together and starts listening: the LMDB index, the CA, the worker pool, the
 // upstream agents, the intercepted sessions and the front.
-import { chmodSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import type https from 'node:https';
 import type { AddressInfo } from 'node:net';
+import path from 'node:path';
 import type { Policy } from '../config/policy.ts';
 import type { MirrorPolicy } from '../config/mirror.ts';
 import { dashboardData } from './admin/dashboard.ts';
@@ -9,7 +11,10 @@ import { createAdminHandler, type AdminDeps } from './admin/index.ts';
 import { purge } from './cache/purge.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { Stats } from './stats.ts';
-import { CertificateAuthority } from './ca.ts';
+import { CertificateAuthority, CertificateError } from './ca.ts';
+import { Membership } from './cluster/membership.ts';
+import { OwnerRouter } from './cluster/owner-router.ts';
+import { createPeerServer } from './cluster/peer-server.ts';
 import { BlobStore } from './cache/blob-store.ts';
 import { Fills } from './cache/fills.ts';
 import { openIndex } from './cache/index.ts';
@@ -39,6 +44,8 @@ export interface RunningProxy {
   host: string;
   /** The registry-mirror front's port, when mirror: is configured. */
   mirrorPort?: number;
+  /** The cluster peer port, in cluster mode. */
+  peerPort?: number;
   ca: CertificateAuthority;
   pool: WorkerPool;
   /** Upstream pull budgets (ratelimit-* headers) by registry, for the metrics and the dashboard. */
@@ -66,6 +73,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   };
   // The cache holds private images: only the proxy's user may look inside, whoever made the directory.
   prepareDataDir(policy.dataDir, log);
+  if (policy.cluster) requireSharedCa(policy.caDir);
   const index = openIndex(policy.dataDir, log);
   const { ca, created, copiedFrom } = CertificateAuthority.loadOrCreate(policy.caDir, index.leafCertificates, policy.dataDir);
   log.info(created ? 'created a new CA; clients must trust it (GET /ca.crt)' : copiedFrom ? 'copied the CA of the data directory into caDir' : 'using the CA in caDir', {
@@ -100,7 +108,12 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const rateLimits = new RateLimits();
   const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, auth, readAccess, log, digestMismatch: (registry) => metrics?.digestMismatch(registry, 'manifest') });
   const referrers = createReferrersHandler({ store: new ReferrersStore(index.root), upstreams, auth, readAccess, log });
-  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log });
+  // Cluster mode: who the replicas are (resolved once before listening, then every refresh interval), and
+  // the router that sends blobs and manifests to the owner of their key.
+  const membership = policy.cluster ? new Membership(policy.cluster, lookup, log) : undefined;
+  await membership?.start();
+  const owners = membership && policy.cluster ? new OwnerRouter(membership, ca.certPem, policy.cluster.secret, log) : undefined;
+  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, ...(owners ? { owners } : {}) });
   warnAboutSharedCredentials(policy, log);
   const sessions = new InterceptedSessions(ca, registryHandler, log);
   const listenHost = policy.listen.host;
@@ -124,14 +137,14 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     purge: (request) => purge(request, { store, fills, manifests: manifestStore, log }),
     ...(policy.mirror ? { mirror: mirrorSetupFor(policy, policy.mirror, () => (mirror?.server.address() as AddressInfo | null)?.port) } : {}),
     admin: policy.admin,
+    ...(membership ? { notReady: () => membership.notReady() } : {}),
   });
   // Declared before the front: its CONNECT guard asks for the mirror's address (no tunnel into it either).
   let mirror: MirrorFront | undefined;
-  const mirrorListener = () => {
-    const at = mirror?.server.address();
-    return at && typeof at === 'object' ? [{ address: at.address, port: at.port }] : [];
-  };
-  const front = createFront({ policy, log, lookup, sessions, registryHandler, admin, otherListeners: mirrorListener });
+  let peerServer: https.Server | undefined;
+  const otherListeners = () =>
+    [mirror?.server.address(), peerServer?.address()].flatMap((at) => (at && typeof at === 'object' ? [{ address: at.address, port: at.port }] : []));
+  const front = createFront({ policy, log, lookup, sessions, registryHandler, admin, otherListeners });
 
   await new Promise<void>((resolve, reject) => {
     front.server.once('error', reject);
@@ -159,6 +172,17 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     log.info('the registry mirror is listening', { listen: `${at.address}:${at.port}`, tls: mirrorPolicy.tls ? (mirrorPolicy.tls.certFile ? 'own certificate' : mirrorPolicy.tls.names) : false, default: mirrorPolicy.defaultRegistry ?? null });
   }
 
+  if (policy.cluster) {
+    const cluster = policy.cluster;
+    peerServer = createPeerServer({ policy, secret: cluster.secret, ca, registryHandler, auth, log });
+    await listenOn(peerServer, cluster.listen).catch(async (err: unknown) => {
+      await Promise.all([front.close(), mirror?.close()]);
+      throw err;
+    });
+    const at = peerServer.address() as AddressInfo;
+    log.info('the cluster peer port is listening', { listen: `${at.address}:${at.port}`, self: membership!.self, members: membership!.members() });
+  }
+
   // What the first requests would otherwise wait for, once the proxy listens (before listening it delayed
   // that by 0.1–0.5 s on 2 cores): the fill workers' start, and the CA stores that upstream TLS is checked
   // against (~50 ms of reading /etc/ssl/certs).
@@ -172,6 +196,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     port: address.port,
     host: address.address,
     ...(mirror ? { mirrorPort: (mirror.server.address() as AddressInfo).port } : {}),
+    ...(peerServer ? { peerPort: (peerServer.address() as AddressInfo).port } : {}),
     ca,
     pool,
     rateLimits,
@@ -179,16 +204,46 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     stats,
     async close() {
       await warmSchedule?.close();
-      await Promise.all([front.close(), mirror?.close()]);
+      membership?.close();
+      await Promise.all([front.close(), mirror?.close(), peerServer && closeServer(peerServer)]);
       sessions.close();
-      await Promise.all([upstreams.close(), pool.close()]);
+      await Promise.all([upstreams.close(), pool.close(), owners?.close()]);
       await index.close();
     },
   };
 }
 
+/**
+ * Cluster mode: every replica must present the same CA to clients (a client may reach any of them), so
+ * none creates one of its own; the operator mounts one Secret on all of them.
+ */
+function requireSharedCa(caDir: string): void {
+  if (existsSync(path.join(caDir, 'ca.crt')) && existsSync(path.join(caDir, 'ca.key'))) return;
+  throw new CertificateError(
+    `cluster mode needs one CA for all replicas, and ${caDir} has no ca.crt and ca.key: mount the same Secret (ca.crt, ca.key) at caDir on every replica. ` +
+      'Make one with `PULLTHROUGH_CA_DIR=./ca pullthrough ca rotate`, then `kubectl create secret generic pullthrough-ca --from-file=ca.crt=./ca/ca.crt --from-file=ca.key=./ca/ca.key` (docs/cluster.md)',
+  );
+}
+
+function listenOn(server: https.Server, listen: { host: string; port: number }): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(listen.port, listen.host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+}
+
+function closeServer(server: https.Server): Promise<void> {
+  return new Promise<void>((resolve) => {
+    server.close(() => resolve());
+    server.closeAllConnections();
+  });
+}
+
 /** Polls that answer fine: a line each every few seconds would bury the pulls (PULLTHROUGH_LOG_PROBES=1 keeps them). */
-const PROBE_PATHS = new Set(['/healthz', '/ui/data.json', '/metrics']);
+const PROBE_PATHS = new Set(['/healthz', '/readyz', '/ui/data.json', '/metrics']);
 
 function isProbe(entry: AccessEntry): boolean {
   return entry.type === 'admin' && (entry.method === 'GET' || entry.method === 'HEAD') && PROBE_PATHS.has(entry.path) && entry.status < 400;

@@ -28,6 +28,8 @@ export interface AdminDeps {
   metrics: Metrics;
   dashboard(): Promise<DashboardData>;
   purge(request: PurgeRequest): Promise<unknown>;
+  /** Cluster mode: why this replica should not get clients yet (undefined: it may). */
+  notReady?: () => string | undefined;
   /** admin.token / admin.tokenFile; none set (or absent): state changes from loopback clients only. */
   admin?: Policy['admin'];
   /** The registry-mirror front, when configured: for its setup scripts. */
@@ -59,6 +61,13 @@ export function createAdminHandler(deps: AdminDeps): AdminHandler {
         const data = await deps.dashboard();
         const body = { status: data.health.status, version: deps.version, uptimeSeconds: data.uptimeSeconds, workers: data.health.workers, caNotAfter: deps.ca.notAfter.toISOString() };
         return send(res, data.health.status === 'ok' ? 200 : 503, 'application/json', JSON.stringify(body) + '\n');
+      }
+      case '/readyz': {
+        // Readiness, as Kubernetes routes clients by it: the workers answer and, in cluster mode, the
+        // replica knows its peers. /healthz stays the liveness probe.
+        const data = await deps.dashboard();
+        const reason = data.health.status !== 'ok' ? `the fill workers do not answer: ${data.health.workers}` : deps.notReady?.();
+        return send(res, reason ? 503 : 200, 'application/json', JSON.stringify(reason ? { status: 'not ready', reason } : { status: 'ready' }) + '\n');
       }
       case '/metrics':
         return send(res, 200, deps.metrics.registry.contentType, await deps.metrics.registry.metrics());
@@ -92,7 +101,7 @@ export function createAdminHandler(deps: AdminDeps): AdminHandler {
         return send(res, 400, 'text/plain; charset=utf-8', `${(err as Error).message}\n`);
       }
     }
-    return send(res, 404, 'text/plain; charset=utf-8', 'pullthrough: not found (try /ca.crt, /setup/docker, /healthz, /metrics, /ui)\n');
+    return send(res, 404, 'text/plain; charset=utf-8', 'pullthrough: not found (try /ca.crt, /setup/docker, /healthz, /readyz, /metrics, /ui)\n');
   };
 }
 

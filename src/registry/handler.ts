@@ -20,6 +20,8 @@ import { readAtMost } from '../upstream/body.ts';
 import { isRouteError, routeRequest, type Route, type RouteError } from './route.ts';
 import { credentialsToInject, forwardTokenRequest, isAnonymousTokenRequest } from './token-requests.ts';
 import { clientAuthorization, type UpstreamAuth } from './upstream-auth.ts';
+import type { OwnerRouter } from '../cluster/owner-router.ts';
+import { blobKey, manifestKey } from '../cluster/rendezvous.ts';
 
 export interface RegistryRequestContext {
   registry: RegistryPolicy;
@@ -27,6 +29,8 @@ export interface RegistryRequestContext {
   client: string;
   /** The proxy user who opened the session, when users are configured. */
   user?: ProxyUser;
+  /** Sent by a cluster peer: served here, never forwarded again. */
+  fromPeer?: boolean;
 }
 
 export type RegistryHandler = (req: IncomingMessage, res: ServerResponse, context: RegistryRequestContext) => Promise<void>;
@@ -40,6 +44,8 @@ export interface RegistryHandlerDeps {
   referrers: ReferrersHandler;
   auth: UpstreamAuth;
   log: Logger;
+  /** Cluster mode: blobs and manifests are served by the owner of their key. */
+  owners?: OwnerRouter;
 }
 
 /** A /v2/ answer is a small JSON document; a registry sending more is not read into memory. */
@@ -56,7 +62,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     return config;
   };
 
-  return async (req, res, { registry, client, user }) => {
+  return async (req, res, { registry, client, user, fromPeer }) => {
     const started = performance.now();
     const route = routeRequest(req.url ?? '/');
     const access = { method: req.method ?? 'GET', host: registry.key, path: pathForLog(req.url), client, ...(user ? { user: user.name } : {}) };
@@ -70,7 +76,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       endRequestSpan(span, entry);
     };
     try {
-      await withSpan(span, () => handle(req, res, registry, user, route, access, started, log));
+      await withSpan(span, () => handle(req, res, registry, user, route, access, started, log, fromPeer === true));
     } finally {
       if (!logged) endSpan(span, {}, 'the request handler failed');
     }
@@ -85,6 +91,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     access: { method: string; host: string; path: string; client: string; user?: string },
     started: number,
     log: (entry: AccessEntry) => void,
+    fromPeer: boolean,
   ): Promise<void> {
     if (isRouteError(route)) {
       sendRegistryError(res, route.status, route.code, route.message);
@@ -102,6 +109,16 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     const hostHeader = hostHeaderFor(registry);
     const dispatcher = deps.upstreams.for(upstream);
     const reading = req.method === 'GET' || req.method === 'HEAD';
+    if (deps.owners && !fromPeer && reading && (route.kind === 'blob' || route.kind === 'manifest')) {
+      const own = clientAuthorization(req);
+      const tokenAccess = own ? deps.auth.issuedFor(own) : undefined;
+      const key = route.kind === 'blob' ? blobKey(route.digest) : manifestKey(registry.key, route.name);
+      const result = await deps.owners.serve(req, res, { key, registryKey: registry.key, client: access.client, ...(user ? { user } : {}), ...(tokenAccess ? { tokenAccess } : {}) });
+      if (result) {
+        log({ ...access, ...result, type: route.kind, ms: elapsed(started) });
+        return;
+      }
+    }
     if (route.kind === 'blob' && reading) {
       const result = await deps.blobs(req, res, { digest: route.digest, name: route.name, registry, upstream, hostHeader, ...(user ? { user } : {}) });
       log({ ...access, ...result, type: 'blob', ms: elapsed(started) });
@@ -123,7 +140,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     }
     if (route.kind === 'ping' && reading) {
       const authorization = clientAuthorization(req) ? undefined : await deps.auth.centralBasic({ registry, upstream, hostHeader });
-      const result = await ping(req, res, { dispatcher, origin: upstream.origin, hostHeader, ...(authorization ? { authorization } : {}) }, deps.manifestStore.holdsAny(registry.key));
+      const result = await ping(req, res, { dispatcher, origin: upstream.origin, hostHeader, ...(authorization ? { authorization } : {}) }, deps.manifestStore.holdsAny(registry.key) || deps.owners !== undefined);
       log({ ...access, ...result, type: 'ping', ms: elapsed(started) });
       return;
     }

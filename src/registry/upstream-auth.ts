@@ -186,10 +186,15 @@ export class UpstreamAuth {
   }
 
   private issuedAccess(authorization: string): 'central' | 'anonymous' | undefined {
+    return this.issuedFor(authorization)?.access;
+  }
+
+  /** How a client's Authorization was issued, when the proxy saw it issued (and until when it holds). */
+  issuedFor(authorization: string): { access: 'central' | 'anonymous'; until: number } | undefined {
     const match = /^Bearer\s+(\S+)$/i.exec(authorization);
     if (!match) return undefined;
     const known = this.issued.get(tokenHash(match[1]!));
-    return known && known.until > Date.now() ? known.access : undefined;
+    return known && known.until > Date.now() ? { ...known } : undefined;
   }
 
   private async answer(target: UpstreamTarget, challenge: Challenge | null, scopes?: string[], anonymousOnly = false): Promise<AuthDecision> {

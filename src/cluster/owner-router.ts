@@ -1,0 +1,138 @@
+// The receiving replica's side of cluster mode: a blob or manifest request goes to the owner of its key
+// (rendezvous order over the members), which serves it from its cache or its single-flight fill; the
+// bytes are relayed as they come. A member that cannot be reached (refused, timed out, gone before it
+// answered) is passed over and the next in order asked; when this replica comes first, it serves the
+// request itself. Once the owner has answered, a failure cuts the client's connection: a client never
+// gets bytes the owner did not send it whole (the owner holds a fill's last byte until its digest
+// matches), and its retry goes to the next member.
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { pipeline } from 'node:stream/promises';
+import { Agent, type Dispatcher } from 'undici';
+import type { ProxyUser } from '../../config/policy.ts';
+import type { CacheStatus, Logger } from '../log.ts';
+import { requestHeadersForUpstream, responseHeadersForClient } from '../upstream/forward.ts';
+import type { Membership } from './membership.ts';
+import { formatTokenAccess, PEER_HEADERS, PEER_REFUSED_HEADER, PEER_TLS_NAME, peerPath } from './peer-protocol.ts';
+import { rankFor } from './rendezvous.ts';
+
+export interface OwnerRequest {
+  /** The rendezvous key: blobKey(digest) or manifestKey(registry, repository). */
+  key: string;
+  registryKey: string;
+  client: string;
+  user?: ProxyUser;
+  /** How the client's token was issued, when this replica saw it issued. */
+  tokenAccess?: { access: 'central' | 'anonymous'; until: number };
+}
+
+export interface OwnerResult {
+  status: number;
+  bytes: number;
+  cache?: CacheStatus;
+  /** The member that answered. */
+  peer: string;
+  error?: string;
+}
+
+/** Connecting to a peer that is gone should fail over fast (an owner is one hop away). */
+const PEER_CONNECT_TIMEOUT_MS = 2_000;
+/** An owner may wait on upstream for a while (its own timeouts bound that). */
+const PEER_RESPONSE_TIMEOUT_MS = 300_000;
+const CACHE_STATUSES = new Set<CacheStatus>(['HIT', 'MISS', 'STALE', 'REVALIDATED', 'JOINED', 'BYPASS']);
+
+export class OwnerRouter {
+  private readonly agent: Agent;
+  private readonly membership: Membership;
+  private readonly secret: string;
+  private readonly log: Logger;
+  private readonly refusedBy = new Set<string>();
+
+  constructor(membership: Membership, caPem: string, secret: string, log: Logger) {
+    this.membership = membership;
+    this.secret = secret;
+    this.log = log;
+    this.agent = new Agent({
+      connect: { ca: caPem, servername: PEER_TLS_NAME, timeout: PEER_CONNECT_TIMEOUT_MS },
+      headersTimeout: PEER_RESPONSE_TIMEOUT_MS,
+      bodyTimeout: PEER_RESPONSE_TIMEOUT_MS,
+      keepAliveTimeout: 30_000,
+    });
+  }
+
+  /**
+   * Serves the request through the key's owner; undefined when this replica is the one to serve it
+   * (it comes first in rendezvous order among the members that can be reached).
+   */
+  async serve(req: IncomingMessage, res: ServerResponse, request: OwnerRequest): Promise<OwnerResult | undefined> {
+    const cancel = new AbortController();
+    const onClose = () => {
+      if (!res.writableFinished) cancel.abort();
+    };
+    res.once('close', onClose);
+    try {
+      for (const member of rankFor(request.key, this.membership.members())) {
+        if (member === this.membership.self) return undefined;
+        if (this.membership.isDown(member)) continue;
+        let response: Dispatcher.ResponseData;
+        try {
+          response = await this.agent.request({
+            origin: `https://${member}`,
+            path: peerPath(request.registryKey, req.url ?? '/'),
+            method: req.method === 'HEAD' ? 'HEAD' : 'GET',
+            headers: this.headersFor(req, request),
+            signal: cancel.signal,
+          });
+        } catch (err) {
+          if (cancel.signal.aborted) return { status: 499, bytes: 0, peer: member, error: 'the client went away' };
+          this.log.warn('a cluster peer failed before it answered; asking the next', { peer: member, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+          this.membership.markDown(member);
+          continue;
+        }
+        if (response.headers[PEER_REFUSED_HEADER] !== undefined) {
+          // A wrong secret or a policy without this registry: a misconfigured peer, passed over.
+          const reason = await response.body.text().catch(() => '');
+          if (!this.refusedBy.has(member)) this.log.error('a cluster peer refused this replica\'s request (is cluster.secret the same on every replica, and the policy?)', { peer: member, status: response.statusCode, reason: reason.slice(0, 200) });
+          this.refusedBy.add(member);
+          this.membership.markDown(member);
+          continue;
+        }
+        this.refusedBy.delete(member);
+        return await this.relay(res, response, member);
+      }
+      return undefined;
+    } finally {
+      res.off('close', onClose);
+    }
+  }
+
+  close(): Promise<void> {
+    return this.agent.close();
+  }
+
+  private headersFor(req: IncomingMessage, request: OwnerRequest): Record<string, string | string[]> {
+    const headers = requestHeadersForUpstream(req, PEER_TLS_NAME);
+    for (const name of Object.values(PEER_HEADERS)) delete headers[name];
+    headers[PEER_HEADERS.secret] = this.secret;
+    headers[PEER_HEADERS.client] = request.client;
+    if (request.user) headers[PEER_HEADERS.user] = request.user.name;
+    if (request.tokenAccess) headers[PEER_HEADERS.token] = formatTokenAccess(request.tokenAccess);
+    return headers;
+  }
+
+  /** The owner's answer as it came; cut, never ended cleanly, when the owner's stream fails. */
+  private async relay(res: ServerResponse, response: Dispatcher.ResponseData, member: string): Promise<OwnerResult> {
+    const xCache = String(response.headers['x-cache'] ?? '');
+    const cache = CACHE_STATUSES.has(xCache as CacheStatus) ? (xCache as CacheStatus) : undefined;
+    res.writeHead(response.statusCode, responseHeadersForClient(response.headers));
+    let bytes = 0;
+    response.body.on('data', (chunk: Buffer) => (bytes += chunk.length));
+    try {
+      await pipeline(response.body, res);
+      return { status: response.statusCode, bytes, peer: member, ...(cache ? { cache } : {}) };
+    } catch (err) {
+      res.destroy();
+      const error = `the stream from cluster peer ${member} failed: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`;
+      return { status: response.statusCode, bytes, peer: member, ...(cache ? { cache } : {}), error };
+    }
+  }
+}

@@ -1,0 +1,52 @@
+// What a replica's request to the owner of a key carries besides the client's own request: the shared
+// secret, and what the receiving replica knows about the client that the owner cannot (its proxy user,
+// its address, and whether its token was issued through this cluster as anonymous or central). The
+// owner takes these from an authenticated peer only and strips them before anything else sees the request.
+import { timingSafeEqual, createHash } from 'node:crypto';
+
+export const PEER_HEADERS = {
+  secret: 'x-pullthrough-peer-secret',
+  user: 'x-pullthrough-peer-user',
+  client: 'x-pullthrough-peer-client',
+  /** "anonymous;<until ms>" or "central;<until ms>": the client's token, as the receiving replica saw it issued. */
+  token: 'x-pullthrough-peer-token',
+} as const;
+
+/** On the owner's refusals of a peer request (a wrong secret, a registry not in its policy): not the registry's answer. */
+export const PEER_REFUSED_HEADER = 'x-pullthrough-peer-refused';
+
+/** The name in the peer listener's certificate (from the cluster's one CA); peers connect by address and check this name. */
+export const PEER_TLS_NAME = 'pullthrough-peer';
+
+/** The path prefix of peer requests: /peer/<registry key>/v2/… */
+export function peerPath(registryKey: string, path: string): string {
+  return `/peer/${encodeURIComponent(registryKey)}${path}`;
+}
+
+export function parsePeerPath(url: string): { registryKey: string; path: string } | undefined {
+  const match = /^\/peer\/([^/]+)(\/v2\/.*)$/.exec(url);
+  if (!match) return undefined;
+  try {
+    return { registryKey: decodeURIComponent(match[1]!), path: match[2]! };
+  } catch {
+    return undefined;
+  }
+}
+
+/** Constant-time: a hash of each side, so that lengths do not leak either. */
+export function secretMatches(given: string | string[] | undefined, secret: string): boolean {
+  if (typeof given !== 'string') return false;
+  const a = createHash('sha256').update(given).digest();
+  const b = createHash('sha256').update(secret).digest();
+  return timingSafeEqual(a, b);
+}
+
+export function formatTokenAccess(access: { access: 'central' | 'anonymous'; until: number }): string {
+  return `${access.access};${access.until}`;
+}
+
+export function parseTokenAccess(text: string | string[] | undefined): { access: 'central' | 'anonymous'; until: number } | undefined {
+  if (typeof text !== 'string') return undefined;
+  const match = /^(central|anonymous);(\d{1,16})$/.exec(text);
+  return match ? { access: match[1] as 'central' | 'anonymous', until: Number(match[2]) } : undefined;
+}

@@ -1,0 +1,81 @@
+// The owner's side of cluster mode: an HTTPS listener (a leaf from the cluster's one CA) that serves
+// blob and manifest requests of the registries in the policy, from this replica's cache or its
+// single-flight fill, to peers that carry the shared secret. It runs the same registry handler as the
+// fronts, with what the receiving replica knew about the client, and never forwards a request further:
+// it is not a proxy for anyone, and two replicas that rank a key differently cannot bounce it around.
+import https from 'node:https';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Policy } from '../../config/policy.ts';
+import type { CertificateAuthority } from '../ca.ts';
+import type { Logger } from '../log.ts';
+import type { RegistryHandler } from '../registry/handler.ts';
+import { isRouteError, routeRequest } from '../registry/route.ts';
+import type { UpstreamAuth } from '../registry/upstream-auth.ts';
+import { withErrorAnswers } from '../request-failures.ts';
+import { parsePeerPath, parseTokenAccess, PEER_HEADERS, PEER_REFUSED_HEADER, PEER_TLS_NAME, secretMatches } from './peer-protocol.ts';
+
+export interface PeerServerDeps {
+  policy: Policy;
+  secret: string;
+  ca: CertificateAuthority;
+  registryHandler: RegistryHandler;
+  auth: UpstreamAuth;
+  log: Logger;
+}
+
+/** Refusals are logged at most this often per address (a port scan must not flood the log). */
+const REFUSAL_LOG_INTERVAL_MS = 60_000;
+const MAX_REFUSAL_ADDRESSES = 1_000;
+
+export function createPeerServer(deps: PeerServerDeps): https.Server {
+  const { policy, log } = deps;
+  const handle = withErrorAnswers(deps.registryHandler, log);
+  const refusalsLogged = new Map<string, number>();
+
+  const refuse = (req: IncomingMessage, res: ServerResponse, status: number, message: string) => {
+    const from = req.socket.remoteAddress ?? '-';
+    const last = refusalsLogged.get(from) ?? 0;
+    if (Date.now() - last > REFUSAL_LOG_INTERVAL_MS) {
+      log.warn('refused a request on the cluster peer port', { from, status, reason: message });
+      refusalsLogged.set(from, Date.now());
+      if (refusalsLogged.size > MAX_REFUSAL_ADDRESSES) refusalsLogged.delete(refusalsLogged.keys().next().value!);
+    }
+    const body = JSON.stringify({ errors: [{ code: status === 403 ? 'DENIED' : 'NOT_FOUND', message }] }) + '\n';
+    res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body), [PEER_REFUSED_HEADER]: '1', Connection: 'close' });
+    res.end(req.method === 'HEAD' ? undefined : body);
+  };
+
+  const onRequest = (req: IncomingMessage, res: ServerResponse) => {
+    if (!secretMatches(req.headers[PEER_HEADERS.secret], deps.secret)) return refuse(req, res, 403, 'this is a cluster peer port: requests need the cluster secret');
+    const peerRequest = parsePeerPath(req.url ?? '/');
+    if (!peerRequest || (req.method !== 'GET' && req.method !== 'HEAD')) return refuse(req, res, 404, 'a peer serves GET and HEAD of /peer/<registry>/v2/<name>/blobs|manifests/<reference> only');
+    const registry = policy.registries.get(peerRequest.registryKey);
+    if (!registry) return refuse(req, res, 404, `${peerRequest.registryKey} is not a registry of this replica's policy`);
+    const route = routeRequest(peerRequest.path);
+    if (isRouteError(route) || (route.kind !== 'blob' && route.kind !== 'manifest')) return refuse(req, res, 404, 'a peer serves blobs and manifests only');
+    const userName = req.headers[PEER_HEADERS.user];
+    const user = typeof userName === 'string' ? policy.users.get(userName) : undefined;
+    if (userName !== undefined && !user) return refuse(req, res, 403, `no proxy user ${String(userName)} in this replica's policy`);
+    // A token the receiving replica saw issued through an intercepted token service: what it grants is
+    // known there, and now here too.
+    const tokenAccess = parseTokenAccess(req.headers[PEER_HEADERS.token]);
+    const bearer = /^Bearer\s+(\S+)$/i.exec(String(req.headers.authorization ?? ''));
+    if (tokenAccess && bearer) deps.auth.recordIssued(bearer[1]!, tokenAccess.until, tokenAccess.access);
+    const client = `${String(req.headers[PEER_HEADERS.client] ?? '-')} via ${req.socket.remoteAddress ?? '-'}`;
+    for (const name of Object.values(PEER_HEADERS)) delete req.headers[name];
+    req.url = peerRequest.path;
+    handle(req, res, { registry, client, ...(user ? { user } : {}), fromPeer: true }).catch(() => res.destroy());
+  };
+
+  const timeouts = policy.defaults.timeouts;
+  const server = https.createServer({ ...deps.ca.serverOptionsFor(PEER_TLS_NAME), SNICallback: (_name, done) => done(null, deps.ca.secureContextFor(PEER_TLS_NAME)) }, onRequest);
+  server.headersTimeout = timeouts.clientHeaderMs;
+  server.requestTimeout = 0; // blobs may take long; idle peers are cut by the socket timeout
+  server.keepAliveTimeout = timeouts.keepAliveMs;
+  server.timeout = timeouts.clientIdleMs;
+  server.on('clientError', (_err, socket) => {
+    if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+    else socket.destroy();
+  });
+  return server;
+}

@@ -1,0 +1,127 @@
+// Cluster mode with three replicas in this process, in front of a Docker-Hub-shaped upstream (token
+// realm on another host, blobs redirected to a CDN), and skopeo clients spread over the replicas: each
+// blob and each manifest is fetched upstream once per cluster, a warm pull through any replica sends
+// nothing upstream, peer ports refuse whoever lacks the secret, and private content stays private.
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { request } from 'node:https';
+import { after, before, describe, test } from 'node:test';
+import { clusterPolicy, freePeerPort, replicaAddress, sharedCaDir } from '../helpers/cluster.ts';
+import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
+import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
+import { makeTempDir, removeTempDir } from '../helpers/process.ts';
+import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
+
+const REPLICAS = 3;
+const PRIVATE_USER = { username: 'hubber', password: 'hub-secret-pw' };
+
+describe('cluster mode: three replicas, one cache', () => {
+  let rig: HubRig;
+  let work: string;
+  let peerPort: number;
+  const replicas: TestProxy[] = [];
+
+  before(async () => {
+    work = makeTempDir('cluster');
+    rig = await startHubRig({ privateUser: PRIVATE_USER, k8s: false });
+    const caDir = sharedCaDir(work);
+    peerPort = await freePeerPort(REPLICAS);
+    for (let i = 0; i < REPLICAS; i++) {
+      const { cluster, hostsEntry } = clusterPolicy(i, REPLICAS, peerPort);
+      const tls = `tls: { ca: ${rig.caFile} }`;
+      replicas.push(
+        await startTestProxy(
+          `caDir: ${caDir}\n${cluster}registries:\n  ${rig.hubHostPort}:\n    ${tls}\n  ${rig.endpoints.auth.hostPort}:\n    ${tls}\nhosts:\n${rig.hostsYaml()}${hostsEntry}`,
+        ),
+      );
+    }
+  });
+
+  after(async () => {
+    await Promise.all(replicas.map((r) => r.close()));
+    await rig?.stop();
+    if (work) removeTempDir(work);
+  });
+
+  async function pushed(repository: string, layers = 3): Promise<{ image: BuiltImage; ref: string }> {
+    const image = await buildOciImage(join(work, `layout-${repository.replace(/\W/g, '-')}`), {
+      layers: Array.from({ length: layers }, (_, i) => ({ randomBytes: 200 * 1024 * (i + 1) })),
+      tag: '1.0',
+    });
+    return { image, ref: await rig.pushHub(image.layoutDir, '1.0', repository) };
+  }
+
+  async function skopeoPull(ref: string, through: TestProxy, credentials?: { username: string; password: string }): Promise<{ ok: boolean; digest?: string; detail: string }> {
+    const destDir = makeTempDir('cluster-skopeo');
+    try {
+      const result = await skopeoCopyThroughProxy({ image: ref, proxyUrl: through.url, caFile: through.caFile, destDir, timeoutMs: 120_000, ...(credentials ? { credentials } : {}) });
+      if (result.code !== 0) return { ok: false, detail: result.stderr };
+      return { ok: true, digest: (await verifyDirCopy(destDir)).manifestDigest, detail: '' };
+    } finally {
+      removeTempDir(destDir);
+    }
+  }
+
+  const summary = () => rig.describeRequests((r) => r.host !== 'auth');
+
+  test('6 concurrent cold skopeo pulls over 3 replicas: 1 manifest GET and 1 download per blob upstream, every digest verified', async () => {
+    const { image, ref } = await pushed('library/cold-cluster');
+    rig.resetCounts();
+    const pulls = await Promise.all(Array.from({ length: 6 }, (_, i) => skopeoPull(ref, replicas[i % REPLICAS]!)));
+    for (const [i, pulled] of pulls.entries()) {
+      assert.ok(pulled.ok, `pull ${i} failed: ${pulled.detail}`);
+      assert.equal(pulled.digest, image.manifestDigest);
+    }
+    assert.equal(rig.count({ host: 'registry', kind: 'manifest', method: 'GET', status: 200 }), 1, summary());
+    for (const digest of [image.configDigest, ...image.layerDigests]) {
+      assert.equal(rig.count({ host: 'cdn', reference: digest }), 1, `${digest}: ${summary()}`);
+    }
+    // The owners served the others' clients: some requests went through a peer.
+    assert.ok(replicas.some((r) => r.access.some((e) => e.peer !== undefined)), 'no request was relayed to an owner');
+  });
+
+  test('a warm pull through every replica sends nothing upstream', async () => {
+    const { image, ref } = await pushed('library/warm-cluster');
+    const cold = await skopeoPull(ref, replicas[0]!);
+    assert.ok(cold.ok, cold.detail);
+    for (const replica of replicas) {
+      rig.resetCounts();
+      const warm = await skopeoPull(ref, replica);
+      assert.ok(warm.ok, warm.detail);
+      assert.equal(warm.digest, image.manifestDigest);
+      // The /v2/ ping is always asked upstream (it is how a client learns the challenge); nothing else is.
+      assert.equal(rig.count((r) => r.host === 'cdn' || (r.host === 'registry' && (r.kind === 'manifest' || r.kind === 'blob'))), 0, summary());
+    }
+  });
+
+  test('private content cached through one replica is refused to an anonymous client on every other', async () => {
+    const { image, ref } = await pushed('private/secret-cluster', 1);
+    const owner = await skopeoPull(ref, replicas[0]!, PRIVATE_USER);
+    assert.ok(owner.ok, owner.detail);
+    assert.equal(owner.digest, image.manifestDigest);
+    for (const replica of replicas) {
+      const anonymous = await skopeoPull(ref, replica);
+      assert.equal(anonymous.ok, false, 'an anonymous client pulled a private image');
+    }
+    const again = await skopeoPull(ref, replicas[2]!, PRIVATE_USER);
+    assert.ok(again.ok, again.detail);
+  });
+
+  test('the peer port refuses requests without the secret, and is no proxy', async () => {
+    const ask = (path: string, headers: Record<string, string>) =>
+      new Promise<number>((resolve, reject) => {
+        const req = request({ host: replicaAddress(0), port: peerPort, path, headers, rejectUnauthorized: false }, (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        });
+        req.on('error', reject);
+        req.end();
+      });
+    const path = `/peer/${encodeURIComponent(rig.hubHostPort)}/v2/library/warm-cluster/manifests/1.0`;
+    assert.equal(await ask(path, {}), 403);
+    assert.equal(await ask(path, { 'x-pullthrough-peer-secret': 'wrong-secret-0123456789' }), 403);
+    assert.equal(await ask(`/peer/${encodeURIComponent('example.com:443')}/v2/x/manifests/1`, { 'x-pullthrough-peer-secret': 'cluster-test-secret-0123456789' }), 404);
+    assert.equal(await ask('/v2/', { 'x-pullthrough-peer-secret': 'cluster-test-secret-0123456789' }), 404);
+  });
+});
