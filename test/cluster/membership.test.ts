@@ -1,0 +1,156 @@
+// The parts of cluster mode around the data path: the cluster: keys and their errors, membership from
+// a name that resolves to every replica (and what happens when it cannot be resolved), readiness, and
+// a replica that would make a CA of its own refusing to start.
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, describe, test } from 'node:test';
+import { request } from 'undici';
+import { parsePolicy } from '../../config/load.ts';
+import { Membership } from '../../src/cluster/membership.ts';
+import { createLookup } from '../../src/resolver.ts';
+import { CLUSTER_SECRET, clusterPolicy, freePeerPort, PEER_NAME, sharedCaDir } from '../helpers/cluster.ts';
+import { startTestProxy } from '../helpers/proxy.ts';
+
+const quiet = { access() {}, info() {}, warn() {}, error() {} };
+const dirs: string[] = [];
+const tempDir = () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-cluster-'));
+  dirs.push(dir);
+  return dir;
+};
+after(() => {
+  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+});
+
+describe('cluster: in proxy.yaml', () => {
+  const parse = (text: string, env: NodeJS.ProcessEnv = {}) => parsePolicy(text, 'proxy.yaml', env, '/');
+
+  test('a name or a list of peers, self, the secret from the environment; listen defaults to self\'s port', () => {
+    const policy = parse('cluster:\n  peers: pullthrough-peers.pullthrough.svc:3129\n  self: ${POD_IP}:3129\n  secret: ${PEER_SECRET}\n', { POD_IP: '10.1.2.3', PEER_SECRET: CLUSTER_SECRET });
+    assert.deepEqual(policy.cluster, {
+      peers: [{ host: 'pullthrough-peers.pullthrough.svc', port: 3129 }],
+      self: { host: '10.1.2.3', port: 3129 },
+      listen: { host: '0.0.0.0', port: 3129 },
+      secret: CLUSTER_SECRET,
+      refreshMs: 5000,
+    });
+    const listed = parse(`cluster:\n  peers: [10.0.0.1:4000, "[fd00::2]:4000"]\n  self: 10.0.0.1:4000\n  listen: 127.0.0.1:4001\n  secret: ${CLUSTER_SECRET}\n  refresh: 2s\n`);
+    assert.deepEqual(listed.cluster?.peers, [{ host: '10.0.0.1', port: 4000 }, { host: 'fd00::2', port: 4000 }]);
+    assert.deepEqual(listed.cluster?.listen, { host: '127.0.0.1', port: 4001 });
+    assert.equal(listed.cluster?.refreshMs, 2000);
+  });
+
+  test('what is missing or wrong is named, with file:line', () => {
+    const cases: Array<[string, NodeJS.ProcessEnv, RegExp]> = [
+      [`cluster:\n  self: 10.0.0.1:3129\n  secret: ${CLUSTER_SECRET}\n`, {}, /proxy\.yaml:2:\d+: cluster: needs peers/],
+      // ${POD_IP} unset: the replica does not know its own address.
+      [`cluster:\n  peers: p.test:3129\n  self: \${POD_IP:-}\n  secret: ${CLUSTER_SECRET}\n`, {}, /cluster\.self.*|needs self/],
+      ['cluster:\n  peers: p.test:3129\n  self: 10.0.0.1:3129\n', {}, /needs secret/],
+      ['cluster:\n  peers: p.test:3129\n  self: 10.0.0.1:3129\n  secret: short\n', {}, /proxy\.yaml:4:\d+: .*at least 16/],
+      [`cluster:\n  peers: p.test\n  self: 10.0.0.1:3129\n  secret: ${CLUSTER_SECRET}\n`, {}, /proxy\.yaml:2:\d+: .*"p\.test" is not host:port/],
+      [`cluster:\n  peers: p.test:3129\n  self: 10.0.0.1:3129\n  secret: ${CLUSTER_SECRET}\n  members: 3\n`, {}, /members/],
+    ];
+    for (const [text, env, expected] of cases) assert.throws(() => parse(text, env), expected, text);
+  });
+});
+
+describe('membership', () => {
+  const policy = (peers: string[], self = '127.0.0.21:4000') => parse(`cluster:\n  peers: [${peers.join(', ')}]\n  self: ${self}\n  secret: ${CLUSTER_SECRET}\n  refresh: 100ms\n`);
+  const parse = (text: string) => parsePolicy(text, 'proxy.yaml', {}, '/').cluster!;
+
+  test('every address the peer name resolves to is a member, this replica included; ready once resolved', async () => {
+    const lookup = createLookup(new Map([[PEER_NAME, ['127.0.0.22', '127.0.0.23']]]), true);
+    const membership = new Membership(policy([`${PEER_NAME}:4000`]), lookup, quiet);
+    assert.match(membership.notReady() ?? '', /not been resolved yet/);
+    await membership.start();
+    try {
+      assert.equal(membership.notReady(), undefined);
+      assert.deepEqual([...membership.members()].sort(), ['127.0.0.21:4000', '127.0.0.22:4000', '127.0.0.23:4000']);
+    } finally {
+      membership.close();
+    }
+  });
+
+  test('a name that cannot be resolved: not ready, and only this replica serves (a DNS hiccup later keeps the last list)', async () => {
+    let answer: string[] | undefined;
+    const lookup = createLookup(new Map(), true);
+    const flaky: typeof lookup = (hostname, options, callback) => {
+      if (hostname !== PEER_NAME) return lookup(hostname, options, callback);
+      if (!answer) return (callback as (err: NodeJS.ErrnoException) => void)(Object.assign(new Error('no such name'), { code: 'ENOTFOUND' }));
+      return createLookup(new Map([[PEER_NAME, answer]]), true)(hostname, options, callback);
+    };
+    const membership = new Membership(policy([`${PEER_NAME}:4000`]), flaky, quiet);
+    await membership.start();
+    try {
+      assert.match(membership.notReady() ?? '', /ENOTFOUND/);
+      assert.deepEqual(membership.members(), ['127.0.0.21:4000']);
+      answer = ['127.0.0.22'];
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.equal(membership.notReady(), undefined);
+      assert.deepEqual([...membership.members()].sort(), ['127.0.0.21:4000', '127.0.0.22:4000']);
+      answer = undefined;
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.deepEqual([...membership.members()].sort(), ['127.0.0.21:4000', '127.0.0.22:4000'], 'a failed refresh kept the members');
+    } finally {
+      membership.close();
+    }
+  });
+
+  test('a peer marked down is passed over until the refresh interval has gone by; this replica never is', async () => {
+    const membership = new Membership(policy(['127.0.0.22:4000']), createLookup(new Map(), true), quiet);
+    membership.markDown('127.0.0.22:4000');
+    membership.markDown('127.0.0.21:4000');
+    assert.equal(membership.isDown('127.0.0.22:4000'), true);
+    assert.equal(membership.isDown('127.0.0.21:4000'), false);
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    assert.equal(membership.isDown('127.0.0.22:4000'), false);
+  });
+});
+
+describe('a replica in cluster mode', () => {
+  test('refuses to start without the shared CA, saying what to mount', async () => {
+    const dir = tempDir();
+    const port = await freePeerPort(1);
+    const { cluster, hostsEntry } = clusterPolicy(0, 1, port);
+    await assert.rejects(startTestProxy(`caDir: ${path.join(dir, 'empty-ca')}\n${cluster}hosts:\n${hostsEntry}`), /cluster mode needs one CA for all replicas.*mount the same Secret/);
+  });
+
+  test('answers /readyz 200 once it knows its peers, 503 with the reason while it cannot resolve them', async () => {
+    const dir = tempDir();
+    const caDir = sharedCaDir(dir);
+    const port = await freePeerPort(2);
+    const { cluster, hostsEntry } = clusterPolicy(0, 2, port);
+    const ready = await startTestProxy(`caDir: ${caDir}\n${cluster}hosts:\n${hostsEntry}`);
+    try {
+      const res = await request(`${ready.url}/readyz`);
+      assert.equal(res.statusCode, 200);
+      assert.deepEqual(await res.body.json(), { status: 'ready' });
+      assert.equal((await request(`${ready.url}/healthz`)).statusCode, 200);
+    } finally {
+      await ready.close();
+    }
+    const lost = await startTestProxy(`caDir: ${caDir}\ncluster:\n  peers: peers.not-resolvable.invalid:${port}\n  self: 127.0.0.21:${port}\n  listen: 127.0.0.21:${port}\n  secret: ${CLUSTER_SECRET}\n`);
+    try {
+      const res = await request(`${lost.url}/readyz`);
+      assert.equal(res.statusCode, 503);
+      const body = (await res.body.json()) as { status: string; reason: string };
+      assert.equal(body.status, 'not ready');
+      assert.match(body.reason, /peers\.not-resolvable\.invalid.*not been resolved/);
+      // Alive all the same: liveness is another question.
+      assert.equal((await request(`${lost.url}/healthz`)).statusCode, 200);
+    } finally {
+      await lost.close();
+    }
+  });
+
+  test('a proxy without cluster: is ready as soon as its workers answer', async () => {
+    const single = await startTestProxy('');
+    try {
+      assert.equal((await request(`${single.url}/readyz`)).statusCode, 200);
+    } finally {
+      await single.close();
+    }
+  });
+});
