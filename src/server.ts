@@ -174,7 +174,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
 
   if (policy.cluster) {
     const cluster = policy.cluster;
-    peerServer = createPeerServer({ policy, secret: cluster.secret, ca, registryHandler, auth, log });
+    peerServer = createPeerServer({ policy, secret: cluster.secret, ca, registryHandler, auth, manifestStore, log });
     await listenOn(peerServer, cluster.listen).catch(async (err: unknown) => {
       await Promise.all([front.close(), mirror?.close()]);
       throw err;

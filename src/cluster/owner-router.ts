@@ -105,6 +105,28 @@ export class OwnerRouter {
     }
   }
 
+  /**
+   * A tag pushed or deleted through this replica: every member forgets its cached copy (the owner holds
+   * it, and a replica that owned it before a membership change may too), so that no pull after the
+   * client's 201 is served the old manifest. Best effort: a member that cannot be told keeps its copy
+   * until the tag's TTL, as a proxy that missed the push would.
+   */
+  async forgetTagEverywhere(registryKey: string, repository: string, tag: string): Promise<void> {
+    const path = peerPath(registryKey, `/v2/${repository}/manifests/${tag}`);
+    await Promise.all(
+      this.membership.members().map(async (member) => {
+        if (member === this.membership.self || this.membership.isDown(member)) return;
+        try {
+          const response = await this.agent.request({ origin: `https://${member}`, path, method: 'DELETE', headers: { [PEER_HEADERS.secret]: this.secret } });
+          await response.body.dump();
+          if (response.statusCode !== 204) throw new Error(`answered ${response.statusCode}`);
+        } catch (err) {
+          this.log.warn('a cluster peer could not be told to forget a pushed tag; it may serve the old manifest until its TTL', { peer: member, repository, tag, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+        }
+      }),
+    );
+  }
+
   close(): Promise<void> {
     return this.agent.close();
   }

@@ -7,6 +7,7 @@ import https from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Policy } from '../../config/policy.ts';
 import type { CertificateAuthority } from '../ca.ts';
+import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { Logger } from '../log.ts';
 import type { RegistryHandler } from '../registry/handler.ts';
 import { isRouteError, routeRequest } from '../registry/route.ts';
@@ -20,6 +21,7 @@ export interface PeerServerDeps {
   ca: CertificateAuthority;
   registryHandler: RegistryHandler;
   auth: UpstreamAuth;
+  manifestStore: ManifestStore;
   log: Logger;
 }
 
@@ -48,11 +50,23 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     if (!secretMatches(req.headers[PEER_HEADERS.secret], deps.secret)) return refuse(req, res, 403, 'this is a cluster peer port: requests need the cluster secret');
     const peerRequest = parsePeerPath(req.url ?? '/');
-    if (!peerRequest || (req.method !== 'GET' && req.method !== 'HEAD')) return refuse(req, res, 404, 'a peer serves GET and HEAD of /peer/<registry>/v2/<name>/blobs|manifests/<reference> only');
+    if (!peerRequest || (req.method !== 'GET' && req.method !== 'HEAD' && req.method !== 'DELETE')) return refuse(req, res, 404, 'a peer serves GET and HEAD of /peer/<registry>/v2/<name>/blobs|manifests/<reference> only');
     const registry = policy.registries.get(peerRequest.registryKey);
     if (!registry) return refuse(req, res, 404, `${peerRequest.registryKey} is not a registry of this replica's policy`);
     const route = routeRequest(peerRequest.path);
     if (isRouteError(route) || (route.kind !== 'blob' && route.kind !== 'manifest')) return refuse(req, res, 404, 'a peer serves blobs and manifests only');
+    if (req.method === 'DELETE') {
+      // A tag pushed through another replica: forget the cached copy here; nothing goes upstream.
+      if (route.kind !== 'manifest' || route.byDigest) return refuse(req, res, 404, 'a peer forgets tags only');
+      deps.manifestStore.forgetTag(registry.key, route.name, route.reference).then(
+        () => {
+          res.writeHead(204);
+          res.end();
+        },
+        () => res.destroy(),
+      );
+      return;
+    }
     const userName = req.headers[PEER_HEADERS.user];
     const user = typeof userName === 'string' ? policy.users.get(userName) : undefined;
     if (userName !== undefined && !user) return refuse(req, res, 403, `no proxy user ${String(userName)} in this replica's policy`);

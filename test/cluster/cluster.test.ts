@@ -11,7 +11,7 @@ import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
 import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
-import { skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
+import { pushImageThroughProxy, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
 
 const REPLICAS = 3;
 const PRIVATE_USER = { username: 'hubber', password: 'hub-secret-pw' };
@@ -24,7 +24,7 @@ describe('cluster mode: three replicas, one cache', () => {
 
   before(async () => {
     work = makeTempDir('cluster');
-    rig = await startHubRig({ privateUser: PRIVATE_USER, k8s: false });
+    rig = await startHubRig({ privateUser: PRIVATE_USER, privateUserPushes: true, k8s: false });
     const caDir = sharedCaDir(work);
     peerPort = await freePeerPort(REPLICAS);
     for (let i = 0; i < REPLICAS; i++) {
@@ -32,7 +32,7 @@ describe('cluster mode: three replicas, one cache', () => {
       const tls = `tls: { ca: ${rig.caFile} }`;
       replicas.push(
         await startTestProxy(
-          `caDir: ${caDir}\n${cluster}registries:\n  ${rig.hubHostPort}:\n    ${tls}\n  ${rig.endpoints.auth.hostPort}:\n    ${tls}\nhosts:\n${rig.hostsYaml()}${hostsEntry}`,
+          `caDir: ${caDir}\n${cluster}registries:\n  ${rig.hubHostPort}:\n    ${tls}\n    push: bypass\n  ${rig.endpoints.auth.hostPort}:\n    ${tls}\nhosts:\n${rig.hostsYaml()}${hostsEntry}`,
         ),
       );
     }
@@ -106,6 +106,17 @@ describe('cluster mode: three replicas, one cache', () => {
     }
     const again = await skopeoPull(ref, replicas[2]!, PRIVATE_USER);
     assert.ok(again.ok, again.detail);
+  });
+
+  test('a tag pushed through one replica is pulled new through every other at once (every replica forgot its copy)', async () => {
+    const first = await pushed('library/retag-cluster', 1);
+    for (const replica of replicas) assert.equal((await skopeoPull(first.ref, replica)).digest, first.image.manifestDigest);
+    const next = await buildOciImage(join(work, 'layout-retag-next'), { layers: [{ randomBytes: 64 * 1024 }], tag: '1.0' });
+    // Through a replica that does not own the repository's manifests, so the owner learns of it from a peer.
+    const pusher = replicas.find((r) => !r.access.some((e) => e.path.includes('retag-cluster') && e.type === 'manifest' && e.peer === undefined && e.cache === 'MISS'))!;
+    const pushedThrough = await pushImageThroughProxy(next.layoutDir, '1.0', { image: first.ref, proxyUrl: pusher.url, caFile: pusher.caFile, credentials: PRIVATE_USER });
+    assert.equal(pushedThrough.code, 0, pushedThrough.stderr);
+    for (const replica of replicas) assert.equal((await skopeoPull(first.ref, replica)).digest, next.manifestDigest, 'a replica served the old manifest after the push');
   });
 
   test('the peer port refuses requests without the secret, and is no proxy', async () => {

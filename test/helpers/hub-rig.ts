@@ -57,6 +57,8 @@ export interface HubRigOptions {
   privateRepositories?: string;
   /** A token-service user who may pull the private repositories (and everything public). */
   privateUser?: Credentials;
+  /** The private user may push too (to test pushes through the proxy). Default false. */
+  privateUserPushes?: boolean;
   /** The token service's audience (distribution's auth.token.service). Default 'registry.hub.test'. */
   service?: string;
   /** expires_in of tokens; default 300 (Docker Hub's). Changeable later on `tokens`. */
@@ -555,7 +557,7 @@ export async function startHubRig(options: HubRigOptions = {}): Promise<HubRig> 
       leewaySeconds: options.leewaySeconds ?? 60,
       anonymous: [{ repository: '*', except: [privateRepositories], actions: ['pull'] }],
       users: options.privateUser
-        ? { [options.privateUser.username]: { password: options.privateUser.password, access: [{ repository: '*', actions: ['pull'] }] } }
+        ? { [options.privateUser.username]: { password: options.privateUser.password, access: [{ repository: '*', actions: options.privateUserPushes ? ['pull', 'push'] : ['pull'] }] } }
         : {},
     });
     tokenBackend = { origin: `https://${tokens.address}` };
