@@ -30,6 +30,7 @@ import type { AccessEntry, Logger } from './log.ts';
 import { createWorkerPool, type WorkerPool } from './pool.ts';
 import { createRegistryHandler } from './registry/handler.ts';
 import { createLookup } from './resolver.ts';
+import { InFlight } from './in-flight.ts';
 import { InterceptedSessions } from './session.ts';
 import { preloadTrust, UpstreamAgents } from './upstream/agents.ts';
 import { TokenExchange } from './upstream/token-exchange.ts';
@@ -52,6 +53,11 @@ export interface RunningProxy {
   rateLimits: RateLimits;
   metrics: Metrics;
   stats: Stats;
+  /**
+   * The first half of a graceful stop: not ready any more, no new connection on any port, and the
+   * requests being answered get up to `graceMs` to finish. close() follows and cuts what is left.
+   */
+  drain(graceMs: number): Promise<{ finished: boolean; cut: number }>;
   close(): Promise<void>;
 }
 
@@ -113,7 +119,9 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const membership = policy.cluster ? new Membership(policy.cluster, lookup, log) : undefined;
   await membership?.start();
   const owners = membership && policy.cluster ? new OwnerRouter(membership, ca.certPem, policy.cluster.secret, log) : undefined;
-  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, ...(owners ? { owners } : {}) });
+  const inFlight = new InFlight();
+  let draining = false;
+  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, ...(owners ? { owners } : {}) });
   warnAboutSharedCredentials(policy, log);
   const sessions = new InterceptedSessions(ca, registryHandler, log);
   const listenHost = policy.listen.host;
@@ -137,7 +145,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     purge: (request) => purge(request, { store, fills, manifests: manifestStore, log }),
     ...(policy.mirror ? { mirror: mirrorSetupFor(policy, policy.mirror, () => (mirror?.server.address() as AddressInfo | null)?.port) } : {}),
     admin: policy.admin,
-    ...(membership ? { notReady: () => membership.notReady() } : {}),
+    notReady: () => (draining ? 'stopping: finishing the requests in flight' : membership?.notReady()),
   });
   // Declared before the front: its CONNECT guard asks for the mirror's address (no tunnel into it either).
   let mirror: MirrorFront | undefined;
@@ -202,6 +210,13 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     rateLimits,
     metrics,
     stats,
+    async drain(graceMs) {
+      draining = true;
+      // Listeners stop accepting; open connections stay, so that requests in flight end whole.
+      for (const server of [front.server, mirror?.server, peerServer]) server?.close();
+      const finished = await inFlight.idle(graceMs);
+      return { finished, cut: inFlight.count };
+    },
     async close() {
       await warmSchedule?.close();
       membership?.close();

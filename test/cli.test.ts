@@ -1,6 +1,7 @@
 // The pullthrough command as users run it: a child process on Node 24, configured by file and env.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, statSync, writeFileSync } from 'node:fs';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
@@ -10,6 +11,7 @@ import { describe, test } from 'node:test';
 import { parse } from 'yaml';
 import { loadPolicy } from '../config/load.ts';
 import { httpOverSocket, tlsThroughProxy } from './helpers/connect.ts';
+import { sendSlowly } from './helpers/fake-registry.ts';
 import { createTestCa } from './helpers/pki.ts';
 
 const CLI = path.join(import.meta.dirname, '../src/cli.ts');
@@ -99,6 +101,46 @@ describe('the pullthrough command', () => {
       response = await httpOverSocket(await tlsThroughProxy(proxy.port, 'up.test', upstreamPort, caPem), 'GET', '/v2/', 'up.test');
       assert.equal(response.status, 200);
       assert.equal(await proxy.stop(), 0);
+    } finally {
+      upstream.closeAllConnections();
+      upstream.close();
+    }
+  });
+});
+
+describe('the pullthrough command, stopped while it serves', () => {
+  test('SIGTERM: a blob in flight is finished whole, new connections are refused, and it exits 0', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-cli-drain-'));
+    const upstreamCa = createTestCa('drain upstream CA');
+    const leaf = upstreamCa.issue(['slow.test']);
+    const blob = randomBytes(2 * 1024 * 1024);
+    const digest = `sha256:${createHash('sha256').update(blob).digest('hex')}`;
+    // ~2 s for the whole blob: long enough to stop the proxy in the middle of it.
+    const upstream = https.createServer({ cert: leaf.certPem, key: leaf.keyPem }, (req, res) => {
+      if (req.url !== `/v2/team/app/blobs/${digest}`) return res.writeHead(404).end();
+      res.writeHead(200, { 'Content-Length': blob.length, 'Content-Type': 'application/octet-stream' });
+      void sendSlowly(res, blob, 64 * 1024, 60).then(() => res.end());
+    });
+    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    const upstreamPort = (upstream.address() as AddressInfo).port;
+    writeFileSync(path.join(dir, 'upstream-ca.pem'), upstreamCa.certPem);
+    writeFileSync(path.join(dir, 'proxy.yaml'), `registries:\n  slow.test:${upstreamPort}: { tls: { ca: upstream-ca.pem } }\nhosts:\n  slow.test: 127.0.0.1\n`);
+    try {
+      const proxy = await startCli({ PULLTHROUGH_LISTEN: '127.0.0.1:0', PULLTHROUGH_DATA_DIR: path.join(dir, 'state') }, dir);
+      const caPem = await (await fetch(`http://127.0.0.1:${proxy.port}/ca.crt`)).text();
+      const socket = await tlsThroughProxy(proxy.port, 'slow.test', upstreamPort, caPem);
+      const pulling = httpOverSocket(socket, 'GET', `/v2/team/app/blobs/${digest}`, `slow.test:${upstreamPort}`);
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      const stopped = proxy.stop();
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      // Stopping: no new client gets in.
+      await assert.rejects(fetch(`http://127.0.0.1:${proxy.port}/healthz`));
+      const response = await pulling;
+      assert.equal(response.status, 200);
+      assert.equal(createHash('sha256').update(response.body).digest('hex'), digest.slice(7), 'the client got the whole blob');
+      assert.equal(await stopped, 0);
+      assert.match(proxy.output(), /"message":"stopping"/);
+      assert.doesNotMatch(proxy.output(), /requests still in flight/);
     } finally {
       upstream.closeAllConnections();
       upstream.close();

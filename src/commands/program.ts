@@ -10,6 +10,13 @@ import { parseDigest } from '../registry/route.ts';
 
 const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 
+/**
+ * On SIGTERM the requests in flight get this long to finish (a layer half sent when a rolling restart
+ * stops a replica would make its client start over); the process exits by itself after 10 s at most,
+ * within Kubernetes' default grace of 30 s (15 s in deploy/kubernetes).
+ */
+const DRAIN_GRACE_MS = 8_000;
+
 const program = new Command('pullthrough')
   .description('A caching HTTPS proxy for container registries')
   .version(VERSION)
@@ -48,7 +55,14 @@ program
       forced.unref();
       // The last spans are exported before the exit, but a collector that does not answer cannot hold it.
       const flushed = () => Promise.race([stopTracing().catch(() => {}), new Promise((resolve) => setTimeout(resolve, 3_000).unref())]);
-      void proxy.close().then(flushed).then(() => process.exit(0));
+      void proxy
+        .drain(DRAIN_GRACE_MS)
+        .then(({ finished, cut }) => {
+          if (!finished) log.warn('stopping with requests still in flight; they are cut', { requests: cut });
+        })
+        .then(() => proxy.close())
+        .then(flushed)
+        .then(() => process.exit(0), () => process.exit(1));
     };
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));

@@ -21,6 +21,7 @@ import { isRouteError, routeRequest, type Route, type RouteError } from './route
 import { credentialsToInject, forwardTokenRequest, isAnonymousTokenRequest } from './token-requests.ts';
 import { clientAuthorization, type UpstreamAuth } from './upstream-auth.ts';
 import type { OwnerRouter } from '../cluster/owner-router.ts';
+import type { InFlight } from '../in-flight.ts';
 import { blobKey, manifestKey } from '../cluster/rendezvous.ts';
 
 export interface RegistryRequestContext {
@@ -46,6 +47,8 @@ export interface RegistryHandlerDeps {
   log: Logger;
   /** Cluster mode: blobs and manifests are served by the owner of their key. */
   owners?: OwnerRouter;
+  /** Counts the requests being answered, for a stop that lets them finish. */
+  inFlight?: InFlight;
 }
 
 /** A /v2/ answer is a small JSON document; a registry sending more is not read into memory. */
@@ -75,8 +78,9 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       deps.log.access(entry);
       endRequestSpan(span, entry);
     };
+    const work = () => withSpan(span, () => handle(req, res, registry, user, route, access, started, log, fromPeer === true));
     try {
-      await withSpan(span, () => handle(req, res, registry, user, route, access, started, log, fromPeer === true));
+      await (deps.inFlight ? deps.inFlight.track(work) : work());
     } finally {
       if (!logged) endSpan(span, {}, 'the request handler failed');
     }
