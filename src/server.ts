@@ -7,7 +7,7 @@ import path from 'node:path';
 import type { Policy } from '../config/policy.ts';
 import type { MirrorPolicy } from '../config/mirror.ts';
 import { dashboardData } from './admin/dashboard.ts';
-import { createAdminHandler, type AdminDeps } from './admin/index.ts';
+import { createAdminHandler, type AdminDeps, type PurgeRequest } from './admin/index.ts';
 import { purge } from './cache/purge.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { Stats } from './stats.ts';
@@ -119,6 +119,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const membership = policy.cluster ? new Membership(policy.cluster, lookup, log) : undefined;
   await membership?.start();
   const owners = membership && policy.cluster ? new OwnerRouter(membership, ca.certPem, policy.cluster.secret, log) : undefined;
+  const purgeHere = (request: PurgeRequest) => purge(request, { store, fills, manifests: manifestStore, log });
   const inFlight = new InFlight();
   let draining = false;
   const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, ...(owners ? { owners } : {}) });
@@ -142,7 +143,10 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     fallbackHost: `${listenHost}:${policy.listen.port}`,
     metrics,
     dashboard: () => dashboardData({ version: VERSION, startedAt, maxSize: policy.cache.maxSize, stats, store, fills, manifests: manifestStore, rateLimits, workersHealthy, warm: () => warmSchedule?.status() }),
-    purge: (request) => purge(request, { store, fills, manifests: manifestStore, log }),
+    purge: async (request) => {
+      const here = await purgeHere(request);
+      return owners ? owners.purgeEverywhere(request, here) : here;
+    },
     ...(policy.mirror ? { mirror: mirrorSetupFor(policy, policy.mirror, () => (mirror?.server.address() as AddressInfo | null)?.port) } : {}),
     admin: policy.admin,
     notReady: () => (draining ? 'stopping: finishing the requests in flight' : membership?.notReady()),
@@ -182,7 +186,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
 
   if (policy.cluster) {
     const cluster = policy.cluster;
-    peerServer = createPeerServer({ policy, secret: cluster.secret, ca, registryHandler, auth, manifestStore, log });
+    peerServer = createPeerServer({ policy, secret: cluster.secret, ca, registryHandler, auth, manifestStore, purge: purgeHere, log });
     await listenOn(peerServer, cluster.listen).catch(async (err: unknown) => {
       await Promise.all([front.close(), mirror?.close()]);
       throw err;

@@ -9,10 +9,12 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { pipeline } from 'node:stream/promises';
 import { Agent, type Dispatcher } from 'undici';
 import type { ProxyUser } from '../../config/policy.ts';
+import type { PurgeRequest } from '../admin/index.ts';
+import type { PurgeResult } from '../cache/purge.ts';
 import type { CacheStatus, Logger } from '../log.ts';
 import { requestHeadersForUpstream, responseHeadersForClient } from '../upstream/forward.ts';
 import type { Membership } from './membership.ts';
-import { formatTokenAccess, PEER_HEADERS, PEER_REFUSED_HEADER, PEER_TLS_NAME, peerPath } from './peer-protocol.ts';
+import { formatTokenAccess, PEER_HEADERS, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, peerPath } from './peer-protocol.ts';
 import { rankFor } from './rendezvous.ts';
 
 export interface OwnerRequest {
@@ -125,6 +127,35 @@ export class OwnerRouter {
         }
       }),
     );
+  }
+
+  /**
+   * An admin purge on this replica, asked of every other member too: the content it names is spread
+   * over the owners. What each purged is added up; members that could not be asked are named.
+   */
+  async purgeEverywhere(request: PurgeRequest, local: PurgeResult): Promise<PurgeResult & { unreachable?: string[] }> {
+    const total: PurgeResult = { ...local, busy: [...local.busy] };
+    const unreachable: string[] = [];
+    await Promise.all(
+      this.membership.members().map(async (member) => {
+        if (member === this.membership.self) return;
+        try {
+          const response = await this.agent.request({ origin: `https://${member}`, path: PEER_PURGE_PATH, method: 'POST', body: JSON.stringify(request), headers: { [PEER_HEADERS.secret]: this.secret, 'content-type': 'application/json' } });
+          const text = await response.body.text();
+          if (response.statusCode !== 200) throw new Error(`answered ${response.statusCode}`);
+          const theirs = JSON.parse(text) as PurgeResult;
+          total.blobs += theirs.blobs;
+          total.bytes += theirs.bytes;
+          total.manifests += theirs.manifests;
+          total.tags += theirs.tags;
+          total.busy.push(...theirs.busy);
+        } catch (err) {
+          unreachable.push(member);
+          this.log.warn('a cluster peer could not be asked to purge', { peer: member, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+        }
+      }),
+    );
+    return { ...total, ...(unreachable.length ? { unreachable: unreachable.sort() } : {}) };
   }
 
   close(): Promise<void> {

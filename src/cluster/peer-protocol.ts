@@ -18,6 +18,9 @@ export const PEER_REFUSED_HEADER = 'x-pullthrough-peer-refused';
 /** The name in the peer listener's certificate (from the cluster's one CA); peers connect by address and check this name. */
 export const PEER_TLS_NAME = 'pullthrough-peer';
 
+/** An admin purge passed on to every member (POST, the purge request as JSON). */
+export const PEER_PURGE_PATH = '/peer-purge';
+
 /** The path prefix of peer requests: /peer/<registry key>/v2/… */
 export function peerPath(registryKey: string, path: string): string {
   return `/peer/${encodeURIComponent(registryKey)}${path}`;

@@ -7,13 +7,16 @@ import https from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Policy } from '../../config/policy.ts';
 import type { CertificateAuthority } from '../ca.ts';
+import type { PurgeRequest } from '../admin/index.ts';
 import type { ManifestStore } from '../cache/manifest-store.ts';
+import type { PurgeResult } from '../cache/purge.ts';
+import { readAtMost } from '../upstream/body.ts';
 import type { Logger } from '../log.ts';
 import type { RegistryHandler } from '../registry/handler.ts';
 import { isRouteError, routeRequest } from '../registry/route.ts';
 import type { UpstreamAuth } from '../registry/upstream-auth.ts';
 import { withErrorAnswers } from '../request-failures.ts';
-import { parsePeerPath, parseTokenAccess, PEER_HEADERS, PEER_REFUSED_HEADER, PEER_TLS_NAME, secretMatches } from './peer-protocol.ts';
+import { parsePeerPath, parseTokenAccess, PEER_HEADERS, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, secretMatches } from './peer-protocol.ts';
 
 export interface PeerServerDeps {
   policy: Policy;
@@ -22,8 +25,13 @@ export interface PeerServerDeps {
   registryHandler: RegistryHandler;
   auth: UpstreamAuth;
   manifestStore: ManifestStore;
+  /** This replica's own purge (an admin purge made on another replica reaches every one). */
+  purge(request: PurgeRequest): Promise<PurgeResult>;
   log: Logger;
 }
+
+/** A purge request is a few dozen bytes of JSON. */
+const MAX_PURGE_BODY = 4 * 1024;
 
 /** Refusals are logged at most this often per address (a port scan must not flood the log). */
 const REFUSAL_LOG_INTERVAL_MS = 60_000;
@@ -49,6 +57,7 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
 
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     if (!secretMatches(req.headers[PEER_HEADERS.secret], deps.secret)) return refuse(req, res, 403, 'this is a cluster peer port: requests need the cluster secret');
+    if (req.url === PEER_PURGE_PATH && req.method === 'POST') return purgeHere(req, res);
     const peerRequest = parsePeerPath(req.url ?? '/');
     if (!peerRequest || (req.method !== 'GET' && req.method !== 'HEAD' && req.method !== 'DELETE')) return refuse(req, res, 404, 'a peer serves GET and HEAD of /peer/<registry>/v2/<name>/blobs|manifests/<reference> only');
     const registry = policy.registries.get(peerRequest.registryKey);
@@ -79,6 +88,23 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
     for (const name of Object.values(PEER_HEADERS)) delete req.headers[name];
     req.url = peerRequest.path;
     handle(req, res, { registry, client, ...(user ? { user } : {}), fromPeer: true }).catch(() => res.destroy());
+  };
+
+  /** The purge request was checked by the replica that took it; only its shape is checked again here. */
+  const purgeHere = (req: IncomingMessage, res: ServerResponse) => {
+    readAtMost(req, MAX_PURGE_BODY)
+      .then(async (body) => {
+        if (!body) throw new Error(`larger than ${MAX_PURGE_BODY} bytes`);
+        const request = JSON.parse(body.toString('utf8')) as PurgeRequest;
+        if (typeof request !== 'object' || request === null || Object.values(request).some((value) => typeof value !== 'string')) throw new Error('not a purge request');
+        const result = JSON.stringify(await deps.purge(request)) + '\n';
+        res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(result) });
+        res.end(result);
+      })
+      .catch((err: unknown) => {
+        if (res.headersSent) return res.destroy();
+        refuse(req, res, 400, `not a purge request: ${(err as Error).message}`);
+      });
   };
 
   const timeouts = policy.defaults.timeouts;

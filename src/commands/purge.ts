@@ -12,6 +12,8 @@ export interface PurgeResult {
   manifests: number;
   tags: number;
   busy: string[];
+  /** Cluster mode: replicas that could not be asked (they keep what they hold). */
+  unreachable?: string[];
 }
 
 /**
@@ -41,5 +43,5 @@ export async function purgeThroughProxy(proxyUrl: string, what: PurgeRequest, to
 }
 
 export function formatPurge(result: PurgeResult): string {
-  return `purged ${result.blobs} blobs (${result.bytes} bytes), ${result.manifests} manifests, ${result.tags} tags${result.busy.length ? `; left in use: ${result.busy.join(' ')}` : ''}\n`;
+  return `purged ${result.blobs} blobs (${result.bytes} bytes), ${result.manifests} manifests, ${result.tags} tags${result.busy.length ? `; left in use: ${result.busy.join(' ')}` : ''}${result.unreachable?.length ? `; replicas not reached (purge again later): ${result.unreachable.join(' ')}` : ''}\n`;
 }

@@ -119,6 +119,21 @@ describe('cluster mode: three replicas, one cache', () => {
     for (const replica of replicas) assert.equal((await skopeoPull(first.ref, replica)).digest, next.manifestDigest, 'a replica served the old manifest after the push');
   });
 
+  test('a purge asked of one replica purges what every replica holds', async () => {
+    const { image, ref } = await pushed('library/purge-cluster');
+    assert.ok((await skopeoPull(ref, replicas[0]!)).ok);
+    const response = await fetch(`${replicas[1]!.url}/admin/purge`, { method: 'POST', body: JSON.stringify({ registry: rig.hubHostPort, repository: 'library/purge-cluster' }) });
+    assert.equal(response.status, 200);
+    const purged = (await response.json()) as { blobs: number; manifests: number; unreachable?: string[] };
+    assert.equal(purged.blobs, 1 + image.layerDigests.length, 'the config and every layer, wherever their owners are');
+    assert.ok(purged.manifests >= 1);
+    assert.equal(purged.unreachable, undefined);
+    rig.resetCounts();
+    const again = await skopeoPull(ref, replicas[2]!);
+    assert.equal(again.digest, image.manifestDigest);
+    for (const digest of [image.configDigest, ...image.layerDigests]) assert.equal(rig.count({ host: 'cdn', reference: digest }), 1, `${digest} was fetched again: ${summary()}`);
+  });
+
   test('the peer port refuses requests without the secret, and is no proxy', async () => {
     const ask = (path: string, headers: Record<string, string>) =>
       new Promise<number>((resolve, reject) => {
