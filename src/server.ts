@@ -14,6 +14,7 @@ import { Stats } from './stats.ts';
 import { CertificateAuthority, CertificateError } from './ca.ts';
 import { Membership } from './cluster/membership.ts';
 import { OwnerRouter } from './cluster/owner-router.ts';
+import { rankFor } from './cluster/rendezvous.ts';
 import { createPeerServer } from './cluster/peer-server.ts';
 import { BlobStore } from './cache/blob-store.ts';
 import { Fills } from './cache/fills.ts';
@@ -201,7 +202,9 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   pool.warmUp();
   setImmediate(preloadTrust);
   // The policy's warm-up list: through the front, from loopback, a short delay after listening.
-  warmSchedule = new WarmSchedule({ warm: policy.warm, proxyUrl: loopbackUrl(policy.listen.host, address.port), caPem: ca.certPem, ...(warmUser ? { user: warmUser } : {}), log });
+  // In cluster mode one replica warms: the first in rendezvous order of a fixed key among the reachable.
+  const leads = membership ? () => rankFor('warm-up', membership.members().filter((m) => !membership.isDown(m)))[0] === membership.self : undefined;
+  warmSchedule = new WarmSchedule({ warm: policy.warm, proxyUrl: loopbackUrl(policy.listen.host, address.port), caPem: ca.certPem, ...(warmUser ? { user: warmUser } : {}), ...(leads ? { leads } : {}), log });
   warmSchedule.start();
 
   return {

@@ -34,6 +34,11 @@ export interface WarmScheduleOptions {
   caPem: string;
   /** The proxy user the warm-up authenticates as, when users are configured. */
   user?: ProxyUser;
+  /**
+   * Cluster mode: whether this replica is the one that warms now. One replica's run fills every owner
+   * (its pulls go to them); the others would only pull the same bytes through the peers again.
+   */
+  leads?: () => boolean;
   log: Logger;
 }
 
@@ -84,6 +89,11 @@ export class WarmSchedule {
   private async run(): Promise<void> {
     const { warm: policy, log } = this.options;
     const startedAt = Date.now();
+    if (this.options.leads && !this.options.leads()) {
+      log.info('warm-up: another replica of the cluster runs it; this one asks again at the next interval');
+      if (policy.intervalMs > 0) this.plan(policy.intervalMs);
+      return;
+    }
     delete this.state.nextRunAt;
     this.state.running = true;
     const failures = new Map<string, string>();
