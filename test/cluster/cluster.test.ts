@@ -95,6 +95,23 @@ describe('cluster mode: three replicas, one cache', () => {
     }
   });
 
+  test('with the registry and its token service down, a cached image pulls through every replica', async () => {
+    const { image, ref } = await pushed('library/outage-cluster');
+    assert.ok((await skopeoPull(ref, replicas[0]!)).ok);
+    await rig.down();
+    try {
+      rig.resetCounts();
+      for (const replica of replicas) {
+        const pulled = await skopeoPull(ref, replica);
+        assert.ok(pulled.ok, pulled.detail);
+        assert.equal(pulled.digest, image.manifestDigest);
+      }
+      assert.equal(rig.count(), 0, summary());
+    } finally {
+      await rig.up();
+    }
+  });
+
   test('private content cached through one replica is refused to an anonymous client on every other', async () => {
     const { image, ref } = await pushed('private/secret-cluster', 1);
     const owner = await skopeoPull(ref, replicas[0]!, PRIVATE_USER);
