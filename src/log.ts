@@ -20,6 +20,8 @@ export interface AccessEntry {
   user?: string;
   /** Cluster mode: the replica that served the request, when it was not this one. */
   peer?: string;
+  /** Cluster mode: served here for another replica's client (that replica logs the client's request). */
+  forPeer?: boolean;
   ms: number;
   error?: string;
 }

@@ -24,6 +24,8 @@ export interface LiveState {
   leafExpiries(): Iterable<{ host: string; notAfter: Date }>;
   /** The warm-up of the policy's list (undefined before the proxy listens). */
   warm?(): WarmStatus | undefined;
+  /** Cluster mode: the members this replica knows, itself included, and those it passes over now. */
+  cluster?(): { members: number; unreachable: number };
 }
 
 export interface Metrics {
@@ -142,6 +144,23 @@ export function createMetrics(live: LiveState): Metrics {
   new Gauge({ name: 'pullthrough_warm_last_run_timestamp_seconds', help: 'When the last warm-up run ended (Unix time; 0: none yet)', registers, collect() { const last = live.warm?.()?.lastRun; this.set(last ? Math.floor((last.startedAt + last.durationMs) / 1000) : 0); } });
   new Gauge({ name: 'pullthrough_warm_last_run_duration_seconds', help: 'How long the last warm-up run took', registers, collect() { this.set((live.warm?.()?.lastRun?.durationMs ?? 0) / 1000); } });
 
+  // Cluster mode: what went between replicas. A client's request is counted once, in the figures above,
+  // by the replica it reached; the owner counts what it served for that replica here only.
+  const peerRequests = new Counter({ name: 'pullthrough_cluster_peer_requests_total', help: 'Cluster mode: blob and manifest requests between replicas, by role (relayed: this replica\'s client was served by the owner; served: this replica, the owner, served another\'s client), request type and cache status at the owner', labelNames: ['role', 'type', 'cache'], registers });
+  const peerBytes = new Counter({ name: 'pullthrough_cluster_peer_bytes_total', help: 'Cluster mode: body bytes between replicas, by role (relayed: received from owners; served: sent to other replicas)', labelNames: ['role'], registers });
+  new Gauge({
+    name: 'pullthrough_cluster_members',
+    help: 'Cluster mode: the replicas this one knows (itself included), and those it passes over for now (unreachable); no samples outside cluster mode',
+    labelNames: ['state'],
+    registers,
+    collect() {
+      const now = live.cluster?.();
+      if (!now) return;
+      this.set({ state: 'known' }, now.members);
+      this.set({ state: 'unreachable' }, now.unreachable);
+    },
+  });
+
   const series = new RegistrySeries(MAX_REGISTRY_LABELS);
   const registryLabel = (host: string) => {
     const label = host.slice(0, MAX_LABEL_LENGTH);
@@ -161,11 +180,22 @@ export function createMetrics(live: LiveState): Metrics {
       }
       const host = registryLabel(entry.host);
       const base = { registry: host, type: entry.type ?? 'other', cache: entry.cache ?? 'BYPASS' };
+      const upstreamStatus = upstreamStatusOf(entry);
+      if (entry.peer !== undefined || entry.forPeer) {
+        const role = entry.forPeer ? 'served' : 'relayed';
+        peerRequests.inc({ role, type: base.type, cache: base.cache });
+        peerBytes.inc({ role }, entry.bytes);
+      }
+      if (entry.forPeer) {
+        // What upstream did for it is this replica's; the client's request is the other replica's.
+        if (upstreamStatus !== undefined) series.inc(upstream, { registry: host, status: statusLabel(upstreamStatus) });
+        if (entry.upstreamMs !== undefined && entry.cache !== 'JOINED') series.observe(upstreamDuration, { registry: host, type: base.type }, entry.upstreamMs / 1000);
+        return;
+      }
       series.inc(requests, { ...base, status: statusLabel(entry.status) });
       series.inc(bytes, base, entry.bytes);
       duration.observe({ type: base.type, cache: base.cache }, entry.ms / 1000);
       if (FROM_CACHE.has(base.cache)) series.inc(saved, { registry: host }, entry.bytes);
-      const upstreamStatus = upstreamStatusOf(entry);
       if (upstreamStatus !== undefined) series.inc(upstream, { registry: host, status: statusLabel(upstreamStatus) });
       // A joiner's upstream time is its leader's: counted once, with the leader.
       if (entry.upstreamMs !== undefined && entry.cache !== 'JOINED') series.observe(upstreamDuration, { registry: host, type: base.type }, entry.upstreamMs / 1000);

@@ -136,6 +136,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     caNotAfter: () => ca.notAfter,
     leafExpiries: () => ca.leafExpiries(),
     warm: () => warmSchedule?.status(),
+    ...(membership ? { cluster: () => ({ members: membership.members().length, unreachable: membership.members().filter((m) => membership.isDown(m)).length }) } : {}),
   });
   const workersHealthy = () => pool.health().then(() => 'ok', (err: Error) => err.message);
   const admin = createAdminHandler({

@@ -95,6 +95,8 @@ export class Stats {
   }
 
   observe(entry: AccessEntry): void {
+    // Cluster mode: another replica's client, counted by that replica (the dashboard shows this one's).
+    if (entry.forPeer) return;
     this.countMinute(entry);
     if (entry.type !== 'blob' && entry.type !== 'manifest') return;
     const fromCache = entry.cache !== undefined && FROM_CACHE.has(entry.cache);

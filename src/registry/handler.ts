@@ -68,7 +68,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
   return async (req, res, { registry, client, user, fromPeer }) => {
     const started = performance.now();
     const route = routeRequest(req.url ?? '/');
-    const access = { method: req.method ?? 'GET', host: registry.key, path: pathForLog(req.url), client, ...(user ? { user: user.name } : {}) };
+    const access = { method: req.method ?? 'GET', host: registry.key, path: pathForLog(req.url), client, ...(user ? { user: user.name } : {}), ...(fromPeer ? { forPeer: true } : {}) };
     // One root span per client request (never a child of whatever context the socket was made in),
     // active while it is handled, ended with the same figures as its access entry.
     const span = tracer.startSpan(`${access.method} ${isRouteError(route) ? 'invalid' : route.kind}`, { root: true, kind: SpanKind.SERVER, attributes: requestAttributes(access, route) });

@@ -11,6 +11,7 @@ import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
 import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
+import { scrape } from '../helpers/prometheus.ts';
 import { pushImageThroughProxy, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
 
 const REPLICAS = 3;
@@ -149,6 +150,19 @@ describe('cluster mode: three replicas, one cache', () => {
     const again = await skopeoPull(ref, replicas[2]!);
     assert.equal(again.digest, image.manifestDigest);
     for (const digest of [image.configDigest, ...image.layerDigests]) assert.equal(rig.count({ host: 'cdn', reference: digest }), 1, `${digest} was fetched again: ${summary()}`);
+  });
+
+  test('the metrics: each client request counted once, by the replica it reached; what owners served for peers beside it', async () => {
+    const scrapes = await Promise.all(replicas.map((r) => scrape(r.url)));
+    const total = (name: string, labels: Record<string, string> = {}) => scrapes.reduce((sum, one) => sum + one.sum(name, labels), 0);
+    for (const one of scrapes) assert.equal(one.value('pullthrough_cluster_members', { state: 'known' }), REPLICAS);
+    const relayed = total('pullthrough_cluster_peer_requests_total', { role: 'relayed' });
+    assert.ok(relayed > 0);
+    // Every relay has its owner's side (and nothing else is served for peers).
+    assert.equal(total('pullthrough_cluster_peer_requests_total', { role: 'served' }), relayed);
+    // Client requests: as many as the replicas' own access entries for blobs and manifests, owners' side not counted.
+    const clientEntries = replicas.reduce((sum, r) => sum + r.access.filter((e) => (e.type === 'blob' || e.type === 'manifest') && !e.forPeer).length, 0);
+    assert.equal(total('pullthrough_requests_total', { type: 'blob' }) + total('pullthrough_requests_total', { type: 'manifest' }), clientEntries);
   });
 
   test('the peer port refuses requests without the secret, and is no proxy', async () => {
