@@ -244,7 +244,7 @@ function requireSharedCa(caDir: string): void {
   if (existsSync(path.join(caDir, 'ca.crt')) && existsSync(path.join(caDir, 'ca.key'))) return;
   throw new CertificateError(
     `cluster mode needs one CA for all replicas, and ${caDir} has no ca.crt and ca.key: mount the same Secret (ca.crt, ca.key) at caDir on every replica. ` +
-      'Make one with `PULLTHROUGH_CA_DIR=./ca pullthrough ca rotate`, then `kubectl create secret generic pullthrough-ca --from-file=ca.crt=./ca/ca.crt --from-file=ca.key=./ca/ca.key` (docs/cluster.md)',
+      'Make one with `PULLTHROUGH_CA_DIR=./ca PULLTHROUGH_DATA_DIR=./ca-scratch pullthrough ca rotate`, then `kubectl create secret generic pullthrough-ca --from-file=ca.crt=./ca/ca.crt --from-file=ca.key=./ca/ca.key` (docs/cluster.md)',
   );
 }
 

@@ -1,10 +1,12 @@
 // The deployment files (Dockerfile, deploy/compose.yaml, deploy/kubernetes/) read as text and YAML: a
 // non-root user, a read-only root filesystem, data on a volume at the data directory and the CA on one
-// of its own (compose, Kubernetes), port 3128, probes on /healthz, a system trust store, build secrets
-// that stay out of the image, and a policy and environment the proxy's own loader accepts. No cluster
-// runs here; test/e2e/image.test.ts builds the Dockerfile with podman and runs the image as compose
+// of its own (compose) or one Secret for every replica (Kubernetes), port 3128, probes on /healthz and
+// /readyz, a system trust store, build secrets that stay out of the image, and a policy and environment
+// the proxy's own loader accepts; for Kubernetes, three replicas in cluster mode whose Services, budget
+// and policy agree on the pods, the peer port and the peers' name. No cluster runs here; test/e2e/image.test.ts builds the Dockerfile with podman and runs the image as compose
 // does, and test/e2e/container.test.ts runs the Dockerfile's command on the host.
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -230,7 +232,7 @@ describe('deploy/compose.yaml', () => {
 interface EnvVar {
   name: string;
   value?: string;
-  valueFrom?: { secretKeyRef?: { name: string; key: string; optional?: boolean } };
+  valueFrom?: { secretKeyRef?: { name: string; key: string; optional?: boolean }; fieldRef?: { fieldPath: string } };
 }
 interface Probe {
   httpGet?: { path: string; port: string | number };
@@ -246,7 +248,20 @@ interface Container {
   livenessProbe?: Probe;
   resources?: { requests?: Record<string, string> };
 }
+interface LabelSelector {
+  matchLabels?: Record<string, string>;
+}
+interface PodAffinityTerm {
+  topologyKey: string;
+  labelSelector?: LabelSelector;
+}
+interface Volume {
+  name: string;
+  configMap?: { name: string };
+  secret?: { secretName: string; defaultMode?: number; items?: Array<{ key: string; path: string }> };
+}
 interface Manifest {
+  apiVersion: string;
   kind: string;
   metadata: { name: string };
   data?: Record<string, string>;
@@ -254,31 +269,68 @@ interface Manifest {
   spec?: {
     serviceName?: string;
     replicas?: number;
-    selector?: { matchLabels?: Record<string, string> } & Record<string, unknown>;
-    ports?: Array<{ port: number; targetPort: string | number }>;
+    podManagementPolicy?: string;
+    type?: string;
+    clusterIP?: string;
+    publishNotReadyAddresses?: boolean;
+    maxUnavailable?: number | string;
+    minAvailable?: number | string;
+    selector?: LabelSelector & Record<string, unknown>;
+    podSelector?: LabelSelector;
+    policyTypes?: string[];
+    ingress?: Array<{ from?: Array<{ podSelector?: LabelSelector } & Record<string, unknown>>; ports?: Array<{ protocol?: string; port: number | string }> }>;
+    ports?: Array<{ name?: string; port: number; targetPort: string | number }>;
     template?: {
       metadata: { labels: Record<string, string> };
       spec: {
         securityContext?: { runAsNonRoot?: boolean; runAsUser?: number; fsGroup?: number };
+        topologySpreadConstraints?: Array<{ topologyKey: string; maxSkew: number; labelSelector?: LabelSelector }>;
+        affinity?: {
+          podAntiAffinity?: {
+            requiredDuringSchedulingIgnoredDuringExecution?: PodAffinityTerm[];
+            preferredDuringSchedulingIgnoredDuringExecution?: Array<{ podAffinityTerm: PodAffinityTerm }>;
+          };
+        };
         containers: Container[];
-        volumes?: Array<{ name: string; configMap?: { name: string } }>;
+        volumes?: Volume[];
       };
     };
     volumeClaimTemplates?: Array<{ metadata: { name: string }; spec: { resources: { requests: { storage: string } } } }>;
   };
 }
 
+/** The `kubectl create secret generic` commands in a text (continued lines joined): the Secret's name, its keys and the files they are read from. */
+function secretCommands(text: string): Array<{ name: string; keys: Set<string>; files: Map<string, string> }> {
+  return text
+    .replace(/\\\n\s*/g, ' ')
+    .split('\n')
+    .flatMap((line) => {
+      const match = /kubectl create secret generic ([\w.-]+)(.*)/.exec(line);
+      if (!match) return [];
+      const keys = new Set<string>();
+      const files = new Map<string, string>();
+      for (const [, kind, first, rest] of match[2]!.matchAll(/--from-(file|literal)=([^\s="]+)(?:=(\S+))?/g)) {
+        // --from-file=path names the key after the file; --from-file=key=path and --from-literal=key=value name it.
+        const key = kind === 'file' && rest === undefined ? path.basename(first!) : first!;
+        keys.add(key);
+        if (kind === 'file') files.set(key, rest ?? first!);
+      }
+      return [{ name: match[1]!, keys, files }];
+    });
+}
+
 describe('deploy/kubernetes', () => {
   const dir = path.join(ROOT, 'deploy/kubernetes');
-  const kustomization = parse(readFileSync(path.join(dir, 'kustomization.yaml'), 'utf8')) as { resources: string[]; images?: Array<{ name: string }> };
+  const kustomization = parse(readFileSync(path.join(dir, 'kustomization.yaml'), 'utf8')) as { namespace?: string; resources: string[]; images?: Array<{ name: string }> };
+  // YAML 1.1, as Kubernetes reads it: `defaultMode: 0400` is octal.
   const manifests = kustomization.resources.flatMap((file) =>
-    parseAllDocuments(readFileSync(path.join(dir, file), 'utf8')).map((doc) => {
+    parseAllDocuments(readFileSync(path.join(dir, file), 'utf8'), { version: '1.1' }).map((doc) => {
       assert.deepEqual(doc.errors, [], file);
       return doc.toJS() as Manifest;
     }),
   );
-  const one = (kind: string) => {
-    const found = manifests.filter((m) => m.kind === kind);
+  const one = (kind: string, which: (m: Manifest) => boolean = () => true) => {
+    const found = manifests.filter((m) => m.kind === kind && which(m));
     assert.equal(found.length, 1, `one ${kind}`);
     return found[0]!;
   };
@@ -287,17 +339,84 @@ describe('deploy/kubernetes', () => {
   const container = pod.spec.containers[0]!;
   const envValue = (name: string) => container.env?.find((e) => e.name === name)?.value;
   const configMap = one('ConfigMap');
-  const secret = one('Secret');
+  const credentials = one('Secret');
+  const peersService = one('Service', (s) => s.spec?.clusterIP === 'None');
+  const clientService = one('Service', (s) => s.spec?.clusterIP !== 'None');
+  /** A container port by the name or number a Service or probe gives. */
+  const containerPort = (port: string | number | undefined) => (typeof port === 'number' ? port : container.ports.find((p) => p.name === port)?.containerPort);
+  /** True when a selector picks exactly the StatefulSet's pods: its labels are the StatefulSet's selector. */
+  const selectsThePods = (labels: Record<string, string> | undefined) => {
+    assert.ok(labels && Object.keys(labels).length > 0, 'a selector with labels');
+    assert.deepEqual(labels, statefulSet.spec!.selector!.matchLabels);
+    for (const [key, value] of Object.entries(labels)) assert.equal(pod.metadata.labels[key], value, `the pods have ${key}=${value}`);
+    return true;
+  };
+  const namespace = kustomization.namespace ?? 'pullthrough';
+  const podIp = '10.244.1.7';
+  const peerSecret = 'a'.repeat(64);
+  /** What the pod's environment holds: the values, the downward API's fields as a pod in `namespace` has them, and the Secrets' values. */
+  const podEnv = (): NodeJS.ProcessEnv =>
+    Object.fromEntries(
+      (container.env ?? []).map((e) => {
+        const field = e.valueFrom?.fieldRef?.fieldPath;
+        const value = e.value ?? (field === 'status.podIP' ? podIp : field === 'metadata.namespace' ? namespace : e.valueFrom?.secretKeyRef?.key === 'PULLTHROUGH_PEER_SECRET' ? peerSecret : `test-${e.name}`);
+        return [e.name, value];
+      }),
+    );
+  /** The pod's policy: the ConfigMap's proxy.yaml loaded as the pod loads it, with the image's and the pod's environment. */
+  const podPolicy = (): Policy => {
+    const configFile = path.join(mkdtempSync(path.join(os.tmpdir(), 'pullthrough-deploy-')), 'proxy.yaml');
+    writeFileSync(configFile, configMap.data!['proxy.yaml']!);
+    try {
+      return loadPolicy({ env: { ...imageEnv, ...podEnv(), PULLTHROUGH_CONFIG: configFile } });
+    } finally {
+      rmSync(path.dirname(configFile), { recursive: true });
+    }
+  };
 
-  test('a Service on 3128 reaches the StatefulSet pods on their proxy port', () => {
-    const service = one('Service');
-    assert.equal(statefulSet.spec!.serviceName, service.metadata.name);
-    assert.deepEqual(statefulSet.spec!.selector!.matchLabels, service.spec!.selector);
-    for (const [key, value] of Object.entries(service.spec!.selector!)) assert.equal(pod.metadata.labels[key], value);
-    const [port] = service.spec!.ports!;
+  test('runs three replicas, started in parallel, spread across nodes', () => {
+    assert.equal(statefulSet.spec!.replicas, 3, 'one node down leaves two');
+    assert.equal(statefulSet.spec!.podManagementPolicy, 'Parallel', 'replicas need not wait for each other to start');
+    const spread = pod.spec.topologySpreadConstraints?.find((c) => c.topologyKey === 'kubernetes.io/hostname');
+    const antiAffinity = pod.spec.affinity?.podAntiAffinity;
+    const antiTerms = [...(antiAffinity?.requiredDuringSchedulingIgnoredDuringExecution ?? []), ...(antiAffinity?.preferredDuringSchedulingIgnoredDuringExecution ?? []).map((t) => t.podAffinityTerm)];
+    const anti = antiTerms.find((t) => t.topologyKey === 'kubernetes.io/hostname');
+    assert.ok(spread || anti, 'a topology spread constraint or a pod anti-affinity on kubernetes.io/hostname');
+    if (spread) {
+      assert.equal(spread.maxSkew, 1);
+      selectsThePods(spread.labelSelector?.matchLabels);
+    }
+    if (anti) selectsThePods(anti.labelSelector?.matchLabels);
+  });
+
+  test('a ClusterIP Service on 3128 reaches the ready pods on their proxy port', () => {
+    assert.equal(clientService.metadata.name, 'pullthrough', 'the name docs/setup.md gets the ClusterIP of');
+    assert.ok(clientService.spec!.type === undefined || clientService.spec!.type === 'ClusterIP');
+    assert.ok(!clientService.spec!.publishNotReadyAddresses, 'clients reach ready replicas only');
+    selectsThePods(clientService.spec!.selector as Record<string, string>);
+    const [port] = clientService.spec!.ports!;
     assert.equal(port!.port, 3128);
-    assert.equal(container.ports.find((p) => p.name === port!.targetPort || p.containerPort === port!.targetPort)?.containerPort, 3128);
+    assert.equal(containerPort(port!.targetPort), 3128);
     assert.ok(kustomization.images?.some((i) => i.name === container.image), 'the image is set by the kustomization');
+  });
+
+  test('a headless Service lists every replica, ready or not, on the peer port, and governs the StatefulSet', () => {
+    assert.equal(peersService.spec!.clusterIP, 'None', 'headless: its name resolves to the pod IPs');
+    assert.equal(peersService.spec!.publishNotReadyAddresses, true, 'a replica is ready only once it has found its peers');
+    selectsThePods(peersService.spec!.selector as Record<string, string>);
+    assert.equal(statefulSet.spec!.serviceName, peersService.metadata.name);
+    const [port] = peersService.spec!.ports!;
+    assert.equal(port!.port, 3129);
+    // Peers connect to pod IPs directly: the Service's port must be the container's.
+    assert.equal(containerPort(port!.targetPort), port!.port);
+  });
+
+  test('a PodDisruptionBudget lets one replica at a time be evicted', () => {
+    const pdb = one('PodDisruptionBudget');
+    assert.equal(pdb.apiVersion, 'policy/v1');
+    assert.equal(pdb.spec!.maxUnavailable, 1);
+    assert.equal(pdb.spec!.minAvailable, undefined);
+    selectsThePods(pdb.spec!.selector!.matchLabels);
   });
 
   test('runs as non-root with a read-only root filesystem and a writable volume group', () => {
@@ -310,42 +429,34 @@ describe('deploy/kubernetes', () => {
     assert.ok(container.resources?.requests?.cpu && container.resources.requests.memory, 'resource requests');
   });
 
-  test('keeps the data on a claim mounted at the data directory, larger than the cache', () => {
+  test('keeps each replica\'s data on a claim mounted at the data directory, larger than the cache', () => {
     const claims = statefulSet.spec!.volumeClaimTemplates ?? [];
     const data = container.volumeMounts.find((m) => m.mountPath === (envValue('PULLTHROUGH_DATA_DIR') ?? imageEnv.PULLTHROUGH_DATA_DIR));
     assert.ok(data && claims.some((c) => c.metadata.name === data.name), 'a volumeClaimTemplate at /data');
     const storage = parseSize(claims.find((c) => c.metadata.name === data.name)!.spec.resources.requests.storage.replace(/i$/, 'iB'));
-    const policy = parsePolicy(configMap.data!['proxy.yaml']!, 'proxy.yaml', {}, '/etc/pullthrough');
+    const policy = podPolicy();
     assert.ok(policy.cache.maxSize + policy.cache.minFree <= storage, 'maxSize + minFree fit in the claim');
-  });
-
-  test('keeps the CA on a claim of its own, mounted where PULLTHROUGH_CA_DIR points', () => {
-    const claims = statefulSet.spec!.volumeClaimTemplates ?? [];
-    const caDir = envValue('PULLTHROUGH_CA_DIR');
-    assert.equal(caDir, '/ca', 'the directory the image has made for it');
-    const ca = container.volumeMounts.find((m) => m.mountPath === caDir);
-    const data = container.volumeMounts.find((m) => m.mountPath === imageEnv.PULLTHROUGH_DATA_DIR);
-    assert.ok(ca && claims.some((c) => c.metadata.name === ca.name), `a volumeClaimTemplate at ${caDir}`);
-    assert.notEqual(ca.name, data?.name, 'not the data claim: the CA outlives the cache');
-    assert.ok(!ca.readOnly, 'writable: the CA is created there at the first start');
-    const storage = parseSize(claims.find((c) => c.metadata.name === ca.name)!.spec.resources.requests.storage.replace(/i$/, 'iB'));
-    assert.ok(storage >= 1024 ** 2 && storage <= 1024 ** 3, `a small claim (${storage} bytes) for three small files`);
-    // The pod's policy: the ConfigMap's proxy.yaml with the image's and the container's environment.
-    const configFile = path.join(mkdtempSync(path.join(os.tmpdir(), 'pullthrough-deploy-')), 'proxy.yaml');
-    writeFileSync(configFile, configMap.data!['proxy.yaml']!);
-    const env = Object.fromEntries((container.env ?? []).filter((e) => e.value !== undefined).map((e) => [e.name, e.value]));
-    const policy = loadPolicy({ env: { ...imageEnv, ...env, PULLTHROUGH_CONFIG: configFile } });
-    rmSync(path.dirname(configFile), { recursive: true });
-    assert.equal(policy.caDir, caDir);
     assert.equal(policy.dataDir, imageEnv.PULLTHROUGH_DATA_DIR);
   });
 
-  test('probes /healthz on the proxy port', () => {
-    for (const probe of [container.readinessProbe, container.livenessProbe]) {
-      assert.equal(probe?.httpGet?.path, '/healthz');
-      const port = probe.httpGet.port;
-      assert.equal(typeof port === 'number' ? port : container.ports.find((p) => p.name === port)?.containerPort, 3128);
-    }
+  test('mounts one CA for all replicas: the Secret pullthrough-ca, read-only where PULLTHROUGH_CA_DIR points, on no claim', () => {
+    const caDir = envValue('PULLTHROUGH_CA_DIR');
+    assert.equal(caDir, '/ca', 'the directory the image has made for it');
+    assert.equal(podPolicy().caDir, caDir);
+    const mount = container.volumeMounts.find((m) => m.mountPath === caDir);
+    assert.ok(mount?.readOnly, `a read-only mount at ${caDir}`);
+    const volume = pod.spec.volumes?.find((v) => v.name === mount.name);
+    assert.equal(volume?.secret?.secretName, 'pullthrough-ca', 'the same Secret on every replica');
+    assert.ok(!volume.secret.items || ['ca.crt', 'ca.key'].every((f) => volume.secret!.items!.some((i) => i.path === f)), 'ca.crt and ca.key in it');
+    const mode = volume.secret.defaultMode ?? 0o644;
+    assert.equal(mode & 0o007, 0, `ca.key readable by no other user (mode ${mode.toString(8)})`);
+    assert.deepEqual((statefulSet.spec!.volumeClaimTemplates ?? []).map((c) => c.metadata.name), [container.volumeMounts.find((m) => m.mountPath === imageEnv.PULLTHROUGH_DATA_DIR)!.name], 'no claim but data: no CA of its own per replica');
+  });
+
+  test('probes readiness on /readyz and liveness on /healthz, on the proxy port', () => {
+    assert.equal(container.readinessProbe?.httpGet?.path, '/readyz', 'ready once the replica knows its peers');
+    assert.equal(container.livenessProbe?.httpGet?.path, '/healthz');
+    for (const probe of [container.readinessProbe, container.livenessProbe]) assert.equal(containerPort(probe?.httpGet?.port), 3128);
   });
 
   test("mounts the ConfigMap's proxy.yaml where PULLTHROUGH_CONFIG points", () => {
@@ -356,22 +467,95 @@ describe('deploy/kubernetes', () => {
     assert.ok(configMap.data?.[path.basename(configPath)], `the ConfigMap has ${path.basename(configPath)}`);
   });
 
-  test("fills the policy's ${VAR}s from the Secret, whose keys all exist", () => {
+  test('takes the pod IP and namespace from the downward API and the peer secret from a Secret', () => {
+    const from = (name: string) => container.env?.find((e) => e.name === name)?.valueFrom;
+    assert.equal(from('POD_IP')?.fieldRef?.fieldPath, 'status.podIP');
+    assert.equal(from('POD_NAMESPACE')?.fieldRef?.fieldPath, 'metadata.namespace');
+    const ref = from('PULLTHROUGH_PEER_SECRET')?.secretKeyRef;
+    assert.deepEqual(ref && { name: ref.name, key: ref.key, optional: ref.optional ?? false }, { name: 'pullthrough-peer', key: 'PULLTHROUGH_PEER_SECRET', optional: false });
+  });
+
+  test("the policy's cluster section names the peers Service, its port and this pod", () => {
+    const cluster = podPolicy().cluster;
+    assert.ok(cluster, 'cluster mode is on');
+    const peerPort = peersService.spec!.ports![0]!.port;
+    assert.deepEqual(cluster.peers, [{ host: `${peersService.metadata.name}.${namespace}.svc.cluster.local`, port: peerPort }]);
+    assert.deepEqual(cluster.self, { host: podIp, port: peerPort }, 'self is the address the peers Service resolves to for this pod');
+    assert.equal(cluster.listen.port, container.ports.find((p) => p.name === 'peer')?.containerPort, 'the peer listener is on the declared container port');
+    assert.equal(cluster.secret, peerSecret);
+  });
+
+  test("fills the policy's ${VAR}s from the pod's env, and every Secret it reads exists or is made as the docs say", () => {
     const text = configMap.data!['proxy.yaml']!;
-    const fromSecret = (container.env ?? []).filter((e) => e.valueFrom?.secretKeyRef);
-    for (const e of fromSecret) {
-      assert.equal(e.valueFrom!.secretKeyRef!.name, secret.metadata.name);
-      assert.ok(e.valueFrom!.secretKeyRef!.key in (secret.stringData ?? secret.data ?? {}), `the Secret has ${e.valueFrom!.secretKeyRef!.key}`);
-    }
     const set = new Set((container.env ?? []).map((e) => e.name));
     for (const [, name] of text.matchAll(/\$\{(\w+)(?::-[^}]*)?\}/g)) assert.ok(set.has(name!), `\${${name}} is in the container's env`);
 
-    // With every Secret value filled in (they are empty in the file: anonymous pulls), they reach the policy.
-    const env = Object.fromEntries(fromSecret.map((e) => [e.name, `test-${e.valueFrom!.secretKeyRef!.key}`]));
+    // The Secrets and their keys the pod reads.
+    const needed = new Map<string, Set<string>>();
+    const need = (name: string, key: string) => needed.set(name, new Set([...(needed.get(name) ?? []), key]));
+    for (const e of container.env ?? []) if (e.valueFrom?.secretKeyRef) need(e.valueFrom.secretKeyRef.name, e.valueFrom.secretKeyRef.key);
+    for (const v of pod.spec.volumes ?? []) if (v.secret) for (const file of ['ca.crt', 'ca.key']) need(v.secret.secretName, file);
+    // Those not in the kustomization (applying a placeholder would overwrite them) are made by the
+    // commands in docs/cluster.md and in secret.yaml's comments.
+    const kustomized = manifests.filter((m) => m.kind === 'Secret').map((m) => ({ name: m.metadata.name, keys: new Set(Object.keys(m.stringData ?? m.data ?? {})) }));
+    const secretYamlComments = readFileSync(path.join(dir, 'secret.yaml'), 'utf8').split('\n').filter((l) => l.startsWith('#')).map((l) => l.replace(/^# ?/, '')).join('\n');
+    for (const [name, keys] of needed) {
+      const makers: Record<string, Array<{ name: string; keys: Set<string> }>> = kustomized.some((m) => m.name === name)
+        ? { 'kustomization.yaml': kustomized }
+        : { 'docs/cluster.md': secretCommands(read('docs/cluster.md')), 'secret.yaml': secretCommands(secretYamlComments) };
+      for (const [where, made] of Object.entries(makers)) {
+        const these = made.filter((m) => m.name === name);
+        assert.ok(these.length > 0, `${where} makes the Secret ${name}`);
+        for (const secret of these) for (const key of keys) assert.ok(secret.keys.has(key), `the Secret ${name} made by ${where} has ${key}`);
+      }
+    }
+    assert.ok(needed.has(credentials.metadata.name));
+
+    // With the credentials filled in (they are empty in the file: anonymous pulls), they reach the policy.
+    const env = { ...podEnv(), DOCKERHUB_USERNAME: 'test-user', DOCKERHUB_TOKEN: 'test-token' };
     const policy: Policy = parsePolicy(text, 'proxy.yaml', env, '/etc/pullthrough');
     const auth = policy.registries.get('registry-1.docker.io:443')?.auth;
     assert.equal(auth?.username, env.DOCKERHUB_USERNAME);
     assert.equal(auth?.password, env.DOCKERHUB_TOKEN);
-    assert.equal(parsePolicy(text, 'proxy.yaml', {}, '/etc/pullthrough').registries.get('registry-1.docker.io:443')?.auth, undefined, 'anonymous without them');
+    const anonymous = { ...env, DOCKERHUB_USERNAME: undefined, DOCKERHUB_TOKEN: undefined };
+    assert.equal(parsePolicy(text, 'proxy.yaml', anonymous, '/etc/pullthrough').registries.get('registry-1.docker.io:443')?.auth, undefined, 'anonymous without them');
+  });
+
+  test('the CA command in docs/cluster.md makes the ca.crt and ca.key the Secret is made from', () => {
+    const docs = read('docs/cluster.md');
+    const command = docs.split('\n').find((l) => /\bpullthrough ca rotate\b/.test(l) && /PULLTHROUGH_CA_DIR=/.test(l));
+    assert.ok(command, 'docs/cluster.md has a `PULLTHROUGH_CA_DIR=… pullthrough ca rotate` command');
+    const env = Object.fromEntries([...command.matchAll(/\b(PULLTHROUGH_\w+)=(\S+)/g)].map((m) => [m[1]!, m[2]!]));
+    const [secret] = secretCommands(docs.slice(docs.indexOf(command))).filter((c) => c.name === 'pullthrough-ca');
+    assert.deepEqual([...(secret?.files.keys() ?? [])].sort(), ['ca.crt', 'ca.key'], 'the Secret is made from the files the command writes');
+    // Run where the docs run it, in a directory of its own (no proxy.yaml there: the built-in policy).
+    const work = mkdtempSync(path.join(os.tmpdir(), 'pullthrough-deploy-ca-'));
+    try {
+      execFileSync(process.execPath, [path.join(ROOT, 'src/cli.ts'), 'ca', 'rotate'], { cwd: work, env: { PATH: process.env.PATH, ...env }, stdio: 'pipe' });
+      for (const file of secret!.files.values()) assert.ok(existsSync(path.join(work, file)), `${file} exists after the command`);
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
+  });
+
+  test('the NetworkPolicy, if listed, keeps the proxy port open and the peer port to the pods themselves', (t) => {
+    const policies = manifests.filter((m) => m.kind === 'NetworkPolicy');
+    if (policies.length === 0) return t.skip('no NetworkPolicy in the kustomization');
+    const [policy] = policies;
+    selectsThePods(policy!.spec!.podSelector!.matchLabels);
+    assert.deepEqual(policy!.spec!.policyTypes, ['Ingress'], 'egress (upstream registries, peers) untouched');
+    const rules = policy!.spec!.ingress ?? [];
+    const open = rules.filter((r) => !r.from || r.from.length === 0).flatMap((r) => r.ports?.map((p) => containerPort(p.port)) ?? [undefined]);
+    assert.ok(open.includes(3128), 'the proxy port from anywhere (nodes reach it through the ClusterIP)');
+    assert.ok(!open.includes(3129) && !open.includes(undefined), 'the peer port not from anywhere');
+    const peerRules = rules.filter((r) => r.ports?.some((p) => containerPort(p.port) === 3129));
+    assert.ok(peerRules.length > 0, 'a rule for the peer port');
+    for (const rule of peerRules) {
+      assert.ok(rule.from && rule.from.length > 0);
+      for (const source of rule.from) {
+        assert.deepEqual(Object.keys(source), ['podSelector'], 'pods of this namespace only');
+        selectsThePods(source.podSelector!.matchLabels);
+      }
+    }
   });
 });

@@ -3,8 +3,8 @@
 // directory is laid out as the image's /app (dist/ built by src/build.ts in a separate "build stage",
 // production packages only, package.json, proxy.yaml, all owned by root and read-only), and that command
 // runs as an unprivileged user configured by environment variables alone, as `docker run -e …` would,
-// with the CA on a volume of its own as deploy/compose.yaml and deploy/kubernetes mount it
-// (PULLTHROUGH_CA_DIR). A real registry is then pulled through it with skopeo. Its trust store is one
+// with the CA in a directory of its own as deploy/compose.yaml (a volume) and deploy/kubernetes (a
+// read-only Secret) mount it (PULLTHROUGH_CA_DIR). A real registry is then pulled through it with skopeo. Its trust store is one
 // bundle file and no certificate directory (SSL_CERT_FILE, a missing SSL_CERT_DIR), as on a base image
 // without ca-certificates: the registry is trusted through that file, and the proxy still writes nothing
 // but JSON lines.
