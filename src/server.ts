@@ -12,7 +12,7 @@ import { purge } from './cache/purge.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { Stats } from './stats.ts';
 import { CertificateAuthority, CertificateError } from './ca.ts';
-import { Membership } from './cluster/membership.ts';
+import { Membership, replicaId } from './cluster/membership.ts';
 import { OwnerRouter } from './cluster/owner-router.ts';
 import { rankFor } from './cluster/rendezvous.ts';
 import { createPeerServer } from './cluster/peer-server.ts';
@@ -115,15 +115,26 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const rateLimits = new RateLimits();
   const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, auth, readAccess, log, digestMismatch: (registry) => metrics?.digestMismatch(registry, 'manifest') });
   const referrers = createReferrersHandler({ store: new ReferrersStore(index.root), upstreams, auth, readAccess, log });
-  // Cluster mode: who the replicas are (resolved once before listening, then every refresh interval), and
-  // the router that sends blobs and manifests to the owner of their key.
-  const membership = policy.cluster ? new Membership(policy.cluster, lookup, log) : undefined;
-  await membership?.start();
-  const owners = membership && policy.cluster ? new OwnerRouter(membership, ca.certPem, policy.cluster.secret, log) : undefined;
+  // Cluster mode: who the replicas are (this one by the id in its data directory), and the router that
+  // sends blobs and manifests to the owner of their key.
+  const clusterId = policy.cluster ? replicaId(policy.dataDir) : undefined;
+  let owners: OwnerRouter | undefined;
+  const membership = policy.cluster && clusterId ? new Membership(policy.cluster, clusterId, lookup, (address) => owners!.askId(address), log) : undefined;
+  if (membership && policy.cluster) owners = new OwnerRouter(membership, ca.certPem, policy.cluster.secret, log);
   const purgeHere = (request: PurgeRequest) => purge(request, { store, fills, manifests: manifestStore, log });
   const inFlight = new InFlight();
   let draining = false;
   const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, ...(owners ? { owners } : {}) });
+  // The peer port listens before the front, and only then are the peers asked for their ids: replicas
+  // starting together find each other at once (asking for an id makes the one asked look again).
+  let peerServer: https.Server | undefined;
+  if (policy.cluster && membership) {
+    peerServer = createPeerServer({ policy, secret: policy.cluster.secret, id: membership.self, heardFrom: (address) => membership.heardFrom(address), ca, registryHandler, auth, manifestStore, purge: purgeHere, log });
+    await listenOn(peerServer, policy.cluster.listen);
+    const at = peerServer.address() as AddressInfo;
+    log.info('the cluster peer port is listening', { listen: `${at.address}:${at.port}`, id: membership.self, self: membership.selfAddress });
+    await membership.start();
+  }
   warnAboutSharedCredentials(policy, log);
   const sessions = new InterceptedSessions(ca, registryHandler, log);
   const listenHost = policy.listen.host;
@@ -155,7 +166,6 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   });
   // Declared before the front: its CONNECT guard asks for the mirror's address (no tunnel into it either).
   let mirror: MirrorFront | undefined;
-  let peerServer: https.Server | undefined;
   const otherListeners = () =>
     [mirror?.server.address(), peerServer?.address()].flatMap((at) => (at && typeof at === 'object' ? [{ address: at.address, port: at.port }] : []));
   const front = createFront({ policy, log, lookup, sessions, registryHandler, admin, otherListeners });
@@ -166,6 +176,10 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
       front.server.off('error', reject);
       resolve();
     });
+  }).catch(async (err: unknown) => {
+    membership?.close();
+    if (peerServer) await closeServer(peerServer);
+    throw err;
   });
   const address = front.server.address() as AddressInfo;
   log.info('pullthrough is listening', { listen: `${address.address}:${address.port}`, registries: [...policy.registries.keys()], version: VERSION });
@@ -179,22 +193,12 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
         resolve();
       });
     }).catch(async (err: unknown) => {
-      await front.close();
+      membership?.close();
+      await Promise.all([front.close(), peerServer && closeServer(peerServer)]);
       throw err;
     });
     const at = mirror.server.address() as AddressInfo;
     log.info('the registry mirror is listening', { listen: `${at.address}:${at.port}`, tls: mirrorPolicy.tls ? (mirrorPolicy.tls.certFile ? 'own certificate' : mirrorPolicy.tls.names) : false, default: mirrorPolicy.defaultRegistry ?? null });
-  }
-
-  if (policy.cluster) {
-    const cluster = policy.cluster;
-    peerServer = createPeerServer({ policy, secret: cluster.secret, ca, registryHandler, auth, manifestStore, purge: purgeHere, log });
-    await listenOn(peerServer, cluster.listen).catch(async (err: unknown) => {
-      await Promise.all([front.close(), mirror?.close()]);
-      throw err;
-    });
-    const at = peerServer.address() as AddressInfo;
-    log.info('the cluster peer port is listening', { listen: `${at.address}:${at.port}`, self: membership!.self, members: membership!.members() });
   }
 
   // What the first requests would otherwise wait for, once the proxy listens (before listening it delayed

@@ -14,7 +14,7 @@ import type { PurgeResult } from '../cache/purge.ts';
 import type { CacheStatus, Logger } from '../log.ts';
 import { requestHeadersForUpstream, responseHeadersForClient } from '../upstream/forward.ts';
 import type { Membership } from './membership.ts';
-import { formatTokenAccess, PEER_HEADERS, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, peerPath } from './peer-protocol.ts';
+import { formatTokenAccess, PEER_HEADERS, PEER_ID_PATH, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, peerPath } from './peer-protocol.ts';
 import { rankFor } from './rendezvous.ts';
 
 export interface OwnerRequest {
@@ -74,32 +74,33 @@ export class OwnerRouter {
     try {
       for (const member of rankFor(request.key, this.membership.members())) {
         if (member === this.membership.self) return undefined;
-        if (this.membership.isDown(member)) continue;
+        const address = this.membership.addressOf(member);
+        if (!address || this.membership.isDown(member)) continue;
         let response: Dispatcher.ResponseData;
         try {
           response = await this.agent.request({
-            origin: `https://${member}`,
+            origin: `https://${address}`,
             path: peerPath(request.registryKey, req.url ?? '/'),
             method: req.method === 'HEAD' ? 'HEAD' : 'GET',
             headers: this.headersFor(req, request),
             signal: cancel.signal,
           });
         } catch (err) {
-          if (cancel.signal.aborted) return { status: 499, bytes: 0, peer: member, error: 'the client went away' };
-          this.log.warn('a cluster peer failed before it answered; asking the next', { peer: member, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+          if (cancel.signal.aborted) return { status: 499, bytes: 0, peer: address, error: 'the client went away' };
+          this.log.warn('a cluster peer failed before it answered; asking the next', { peer: address, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
           this.membership.markDown(member);
           continue;
         }
         if (response.headers[PEER_REFUSED_HEADER] !== undefined) {
           // A wrong secret or a policy without this registry: a misconfigured peer, passed over.
           const reason = await response.body.text().catch(() => '');
-          if (!this.refusedBy.has(member)) this.log.error('a cluster peer refused this replica\'s request (is cluster.secret the same on every replica, and the policy?)', { peer: member, status: response.statusCode, reason: reason.slice(0, 200) });
+          if (!this.refusedBy.has(member)) this.log.error('a cluster peer refused this replica\'s request (is cluster.secret the same on every replica, and the policy?)', { peer: address, status: response.statusCode, reason: reason.slice(0, 200) });
           this.refusedBy.add(member);
           this.membership.markDown(member);
           continue;
         }
         this.refusedBy.delete(member);
-        return await this.relay(res, response, member);
+        return await this.relay(res, response, address);
       }
       return undefined;
     } finally {
@@ -117,13 +118,14 @@ export class OwnerRouter {
     const path = peerPath(registryKey, `/v2/${repository}/manifests/${tag}`);
     await Promise.all(
       this.membership.members().map(async (member) => {
-        if (member === this.membership.self || this.membership.isDown(member)) return;
+        const address = this.membership.addressOf(member);
+        if (member === this.membership.self || !address || this.membership.isDown(member)) return;
         try {
-          const response = await this.agent.request({ origin: `https://${member}`, path, method: 'DELETE', headers: { [PEER_HEADERS.secret]: this.secret } });
+          const response = await this.agent.request({ origin: `https://${address}`, path, method: 'DELETE', headers: { [PEER_HEADERS.secret]: this.secret } });
           await response.body.dump();
           if (response.statusCode !== 204) throw new Error(`answered ${response.statusCode}`);
         } catch (err) {
-          this.log.warn('a cluster peer could not be told to forget a pushed tag; it may serve the old manifest until its TTL', { peer: member, repository, tag, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+          this.log.warn('a cluster peer could not be told to forget a pushed tag; it may serve the old manifest until its TTL', { peer: address, repository, tag, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
         }
       }),
     );
@@ -138,9 +140,10 @@ export class OwnerRouter {
     const unreachable: string[] = [];
     await Promise.all(
       this.membership.members().map(async (member) => {
-        if (member === this.membership.self) return;
+        const address = this.membership.addressOf(member);
+        if (member === this.membership.self || !address) return;
         try {
-          const response = await this.agent.request({ origin: `https://${member}`, path: PEER_PURGE_PATH, method: 'POST', body: JSON.stringify(request), headers: { [PEER_HEADERS.secret]: this.secret, 'content-type': 'application/json' } });
+          const response = await this.agent.request({ origin: `https://${address}`, path: PEER_PURGE_PATH, method: 'POST', body: JSON.stringify(request), headers: { [PEER_HEADERS.secret]: this.secret, 'content-type': 'application/json' } });
           const text = await response.body.text();
           if (response.statusCode !== 200) throw new Error(`answered ${response.statusCode}`);
           const theirs = JSON.parse(text) as PurgeResult;
@@ -150,8 +153,8 @@ export class OwnerRouter {
           total.tags += theirs.tags;
           total.busy.push(...theirs.busy);
         } catch (err) {
-          unreachable.push(member);
-          this.log.warn('a cluster peer could not be asked to purge', { peer: member, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+          unreachable.push(address);
+          this.log.warn('a cluster peer could not be asked to purge', { peer: address, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
         }
       }),
     );
@@ -170,6 +173,14 @@ export class OwnerRouter {
     if (request.user) headers[PEER_HEADERS.user] = request.user.name;
     if (request.tokenAccess) headers[PEER_HEADERS.token] = formatTokenAccess(request.tokenAccess);
     return headers;
+  }
+
+  /** Asks the replica at a peer address for its id (membership ranks ids). */
+  async askId(address: string): Promise<string> {
+    const response = await this.agent.request({ origin: `https://${address}`, path: PEER_ID_PATH, method: 'GET', headers: { [PEER_HEADERS.secret]: this.secret }, headersTimeout: PEER_CONNECT_TIMEOUT_MS, bodyTimeout: PEER_CONNECT_TIMEOUT_MS });
+    const text = await response.body.text();
+    if (response.statusCode !== 200) throw new Error(`answered ${response.statusCode}`);
+    return String((JSON.parse(text) as { id?: unknown }).id);
   }
 
   /** The owner's answer as it came; cut, never ended cleanly, when the owner's stream fails. */

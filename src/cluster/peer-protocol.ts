@@ -18,6 +18,9 @@ export const PEER_REFUSED_HEADER = 'x-pullthrough-peer-refused';
 /** The name in the peer listener's certificate (from the cluster's one CA); peers connect by address and check this name. */
 export const PEER_TLS_NAME = 'pullthrough-peer';
 
+/** A replica's id (GET, answered as JSON { id }): what membership ranks, rather than the address. */
+export const PEER_ID_PATH = '/peer-id';
+
 /** An admin purge passed on to every member (POST, the purge request as JSON). */
 export const PEER_PURGE_PATH = '/peer-purge';
 

@@ -16,7 +16,7 @@ import type { RegistryHandler } from '../registry/handler.ts';
 import { isRouteError, routeRequest } from '../registry/route.ts';
 import type { UpstreamAuth } from '../registry/upstream-auth.ts';
 import { withErrorAnswers } from '../request-failures.ts';
-import { parsePeerPath, parseTokenAccess, PEER_HEADERS, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, secretMatches } from './peer-protocol.ts';
+import { parsePeerPath, parseTokenAccess, PEER_HEADERS, PEER_ID_PATH, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, secretMatches } from './peer-protocol.ts';
 
 export interface PeerServerDeps {
   policy: Policy;
@@ -25,6 +25,10 @@ export interface PeerServerDeps {
   registryHandler: RegistryHandler;
   auth: UpstreamAuth;
   manifestStore: ManifestStore;
+  /** This replica's id (what membership ranks). */
+  id: string;
+  /** A peer asked for this replica's id (from this address). */
+  heardFrom?: (address: string | undefined) => void;
   /** This replica's own purge (an admin purge made on another replica reaches every one). */
   purge(request: PurgeRequest): Promise<PurgeResult>;
   log: Logger;
@@ -57,6 +61,12 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
 
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     if (!secretMatches(req.headers[PEER_HEADERS.secret], deps.secret)) return refuse(req, res, 403, 'this is a cluster peer port: requests need the cluster secret');
+    if (req.url === PEER_ID_PATH && req.method === 'GET') {
+      deps.heardFrom?.(req.socket.remoteAddress);
+      const body = JSON.stringify({ id: deps.id }) + '\n';
+      res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) });
+      return res.end(body);
+    }
     if (req.url === PEER_PURGE_PATH && req.method === 'POST') return purgeHere(req, res);
     const peerRequest = parsePeerPath(req.url ?? '/');
     if (!peerRequest || (req.method !== 'GET' && req.method !== 'HEAD' && req.method !== 'DELETE')) return refuse(req, res, 404, 'a peer serves GET and HEAD of /peer/<registry>/v2/<name>/blobs|manifests/<reference> only');

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { request } from 'node:https';
 import { after, before, describe, test } from 'node:test';
-import { clusterPolicy, freePeerPort, replicaAddress, sharedCaDir } from '../helpers/cluster.ts';
+import { clusterPolicy, freePeerPort, waitForMembers, replicaAddress, sharedCaDir } from '../helpers/cluster.ts';
 import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
 import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
@@ -37,6 +37,7 @@ describe('cluster mode: three replicas, one cache', () => {
         ),
       );
     }
+    await waitForMembers(replicas.map((r) => r.url), REPLICAS);
   });
 
   after(async () => {

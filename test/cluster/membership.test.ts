@@ -2,13 +2,14 @@
 // a name that resolves to every replica (and what happens when it cannot be resolved), readiness, and
 // a replica that would make a CA of its own refusing to start.
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import type { LookupFunction } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, describe, test } from 'node:test';
 import { request } from 'undici';
 import { parsePolicy } from '../../config/load.ts';
-import { Membership } from '../../src/cluster/membership.ts';
+import { Membership, replicaId } from '../../src/cluster/membership.ts';
 import { createLookup } from '../../src/resolver.ts';
 import { CLUSTER_SECRET, clusterPolicy, freePeerPort, PEER_NAME, sharedCaDir } from '../helpers/cluster.ts';
 import { startTestProxy } from '../helpers/proxy.ts';
@@ -59,15 +60,48 @@ describe('cluster: in proxy.yaml', () => {
 describe('membership', () => {
   const policy = (peers: string[], self = '127.0.0.21:4000') => parse(`cluster:\n  peers: [${peers.join(', ')}]\n  self: ${self}\n  secret: ${CLUSTER_SECRET}\n  refresh: 100ms\n`);
   const parse = (text: string) => parsePolicy(text, 'proxy.yaml', {}, '/').cluster!;
+  const SELF = 'a'.repeat(32);
+  /** Replicas answer with an id made of their address's last digit; the listed ones that do not answer are down. */
+  const ids = (answering: string[]) => async (address: string) => {
+    if (!answering.includes(address)) throw Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' });
+    return address.split(':')[0]!.slice(-1).repeat(32);
+  };
 
-  test('every address the peer name resolves to is a member, this replica included; ready once resolved', async () => {
-    const lookup = createLookup(new Map([[PEER_NAME, ['127.0.0.22', '127.0.0.23']]]), true);
-    const membership = new Membership(policy([`${PEER_NAME}:4000`]), lookup, quiet);
+  test('every replica the peer name resolves to that answers is a member, by its id; this replica always; ready once resolved', async () => {
+    const lookup = createLookup(new Map([[PEER_NAME, ['127.0.0.21', '127.0.0.22', '127.0.0.23', '127.0.0.24']]]), true);
+    const membership = new Membership(policy([`${PEER_NAME}:4000`]), SELF, lookup, ids(['127.0.0.22:4000', '127.0.0.23:4000']), quiet);
     assert.match(membership.notReady() ?? '', /not been resolved yet/);
     await membership.start();
     try {
       assert.equal(membership.notReady(), undefined);
-      assert.deepEqual([...membership.members()].sort(), ['127.0.0.21:4000', '127.0.0.22:4000', '127.0.0.23:4000']);
+      assert.deepEqual(membership.members().sort(), ['2'.repeat(32), '3'.repeat(32), SELF]);
+      assert.equal(membership.addressOf('3'.repeat(32)), '127.0.0.23:4000');
+      assert.equal(membership.addressOf(SELF), '127.0.0.21:4000');
+    } finally {
+      membership.close();
+    }
+  });
+
+  test('a replica back with a new address but its data (its id) is the same member; one that stops answering leaves', async () => {
+    const addresses = ['127.0.0.22'];
+    const lookup: LookupFunction = (hostname, options, callback) => createLookup(new Map([[PEER_NAME, [...addresses]]]), true)(hostname, options, callback);
+    let answering = ['127.0.0.22:4000'];
+    const sameData = async (address: string) => {
+      if (!answering.includes(address)) throw new Error('refused');
+      return 'b'.repeat(32);
+    };
+    const membership = new Membership(policy([`${PEER_NAME}:4000`]), SELF, lookup, sameData, quiet);
+    await membership.start();
+    try {
+      assert.equal(membership.addressOf('b'.repeat(32)), '127.0.0.22:4000');
+      addresses[0] = '127.0.0.29';
+      answering = ['127.0.0.29:4000'];
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.deepEqual(membership.members().sort(), [SELF, 'b'.repeat(32)].sort());
+      assert.equal(membership.addressOf('b'.repeat(32)), '127.0.0.29:4000');
+      answering = [];
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.deepEqual(membership.members(), [SELF]);
     } finally {
       membership.close();
     }
@@ -81,31 +115,40 @@ describe('membership', () => {
       if (!answer) return (callback as (err: NodeJS.ErrnoException) => void)(Object.assign(new Error('no such name'), { code: 'ENOTFOUND' }));
       return createLookup(new Map([[PEER_NAME, answer]]), true)(hostname, options, callback);
     };
-    const membership = new Membership(policy([`${PEER_NAME}:4000`]), flaky, quiet);
+    const membership = new Membership(policy([`${PEER_NAME}:4000`]), SELF, flaky, ids(['127.0.0.22:4000']), quiet);
     await membership.start();
     try {
       assert.match(membership.notReady() ?? '', /ENOTFOUND/);
-      assert.deepEqual(membership.members(), ['127.0.0.21:4000']);
+      assert.deepEqual(membership.members(), [SELF]);
       answer = ['127.0.0.22'];
       await new Promise((resolve) => setTimeout(resolve, 300));
       assert.equal(membership.notReady(), undefined);
-      assert.deepEqual([...membership.members()].sort(), ['127.0.0.21:4000', '127.0.0.22:4000']);
+      assert.deepEqual(membership.members().sort(), ['2'.repeat(32), SELF]);
       answer = undefined;
       await new Promise((resolve) => setTimeout(resolve, 300));
-      assert.deepEqual([...membership.members()].sort(), ['127.0.0.21:4000', '127.0.0.22:4000'], 'a failed refresh kept the members');
+      assert.deepEqual(membership.members().sort(), ['2'.repeat(32), SELF], 'a failed resolution kept the members');
     } finally {
       membership.close();
     }
   });
 
   test('a peer marked down is passed over until the refresh interval has gone by; this replica never is', async () => {
-    const membership = new Membership(policy(['127.0.0.22:4000']), createLookup(new Map(), true), quiet);
-    membership.markDown('127.0.0.22:4000');
-    membership.markDown('127.0.0.21:4000');
-    assert.equal(membership.isDown('127.0.0.22:4000'), true);
-    assert.equal(membership.isDown('127.0.0.21:4000'), false);
+    const membership = new Membership(policy(['127.0.0.22:4000']), SELF, createLookup(new Map(), true), ids(['127.0.0.22:4000']), quiet);
+    membership.markDown('2'.repeat(32));
+    membership.markDown(SELF);
+    assert.equal(membership.isDown('2'.repeat(32)), true);
+    assert.equal(membership.isDown(SELF), false);
     await new Promise((resolve) => setTimeout(resolve, 150));
-    assert.equal(membership.isDown('127.0.0.22:4000'), false);
+    assert.equal(membership.isDown('2'.repeat(32)), false);
+  });
+
+  test('the id is made once in the data directory and read back after a restart', () => {
+    const dir = tempDir();
+    const id = replicaId(dir);
+    assert.match(id, /^[0-9a-f]{32}$/);
+    assert.equal(replicaId(dir), id);
+    assert.equal(statSync(path.join(dir, 'cluster-id')).mode & 0o777, 0o600);
+    assert.notEqual(replicaId(tempDir()), id);
   });
 });
 

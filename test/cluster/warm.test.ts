@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { clusterPolicy, freePeerPort, sharedCaDir } from '../helpers/cluster.ts';
+import { clusterPolicy, freePeerPort, waitForMembers, sharedCaDir } from '../helpers/cluster.ts';
 import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
 import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
@@ -31,10 +31,11 @@ describe('cluster mode: the warm-up list', () => {
       const { cluster, hostsEntry } = clusterPolicy(i, REPLICAS, peerPort);
       replicas.push(
         await startTestProxy(
-          `caDir: ${caDir}\n${cluster}warm:\n  delay: 300ms\n  images: [${ref}]\nregistries:\n  ${rig.hubHostPort}:\n    ${tls}\n  ${rig.endpoints.auth.hostPort}:\n    ${tls}\nhosts:\n${rig.hostsYaml()}${hostsEntry}`,
+          `caDir: ${caDir}\n${cluster}warm:\n  delay: 3s\n  images: [${ref}]\nregistries:\n  ${rig.hubHostPort}:\n    ${tls}\n  ${rig.endpoints.auth.hostPort}:\n    ${tls}\nhosts:\n${rig.hostsYaml()}${hostsEntry}`,
         ),
       );
     }
+    await waitForMembers(replicas.map((r) => r.url), REPLICAS);
   });
 
   after(async () => {

@@ -44,10 +44,27 @@ function isFree(host: string, port: number): Promise<boolean> {
 }
 
 /** The `cluster:` and `hosts:` lines of replica i's policy (hosts: goes last; add more entries after it). */
-export function clusterPolicy(i: number, replicas: number, peerPort: number, options: { refresh?: string } = {}): { cluster: string; hostsEntry: string } {
-  const addresses = Array.from({ length: replicas }, (_, r) => replicaAddress(r)).join(', ');
+export function clusterPolicy(i: number, replicas: number, peerPort: number, options: { refresh?: string; peerAddresses?: number } = {}): { cluster: string; hostsEntry: string } {
+  // peerAddresses: the peer name may list more addresses than replicas run (one a restarted replica takes).
+  const addresses = Array.from({ length: options.peerAddresses ?? replicas }, (_, r) => replicaAddress(r)).join(', ');
   return {
     cluster: `cluster:\n  peers: ${PEER_NAME}:${peerPort}\n  self: ${replicaAddress(i)}:${peerPort}\n  listen: ${replicaAddress(i)}:${peerPort}\n  secret: ${CLUSTER_SECRET}\n  refresh: ${options.refresh ?? '1s'}\n`,
     hostsEntry: `  ${PEER_NAME}: [${addresses}]\n`,
   };
+}
+
+/** Until every replica knows all `n` members (they find each other within a moment of starting). */
+export async function waitForMembers(metricsUrls: string[], n: number, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const known = await Promise.all(
+      metricsUrls.map(async (url) => {
+        const text = await (await fetch(`${url}/metrics`)).text();
+        return Number(/^pullthrough_cluster_members\{state="known"\} (\d+)$/m.exec(text)?.[1] ?? 0);
+      }),
+    );
+    if (known.every((k) => k === n)) return;
+    if (Date.now() > deadline) throw new Error(`the replicas know ${known.join(', ')} members, not ${n}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
 }
