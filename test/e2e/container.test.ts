@@ -4,8 +4,8 @@
 // production packages only, package.json, proxy.yaml, all owned by root and read-only), and that command
 // runs as an unprivileged user configured by environment variables alone, as `docker run -e …` would,
 // with the CA in a directory of its own as deploy/compose.yaml (a volume) and deploy/kubernetes (a
-// read-only Secret) mount it (PULLTHROUGH_CA_DIR). A real registry is then pulled through it with skopeo. Its trust store is one
-// bundle file and no certificate directory (SSL_CERT_FILE, a missing SSL_CERT_DIR), as on a base image
+// read-only Secret) mount it (PULLTHROUGH_CA_DIR). A real registry is then pulled through it with
+// skopeo. Its trust store is one bundle file and no certificate directory (SSL_CERT_FILE, a missing SSL_CERT_DIR), as on a base image
 // without ca-certificates: the registry is trusted through that file, and the proxy still writes nothing
 // but JSON lines.
 // test/e2e/image.test.ts builds the real image with podman and runs it; this imitation stays because it
