@@ -100,7 +100,7 @@ export class OwnerRouter {
           continue;
         }
         this.refusedBy.delete(member);
-        return await this.relay(res, response, address);
+        return await this.relay(res, response, address, cancel.signal);
       }
       return undefined;
     } finally {
@@ -184,7 +184,7 @@ export class OwnerRouter {
   }
 
   /** The owner's answer as it came; cut, never ended cleanly, when the owner's stream fails. */
-  private async relay(res: ServerResponse, response: Dispatcher.ResponseData, member: string): Promise<OwnerResult> {
+  private async relay(res: ServerResponse, response: Dispatcher.ResponseData, member: string, clientGone: AbortSignal): Promise<OwnerResult> {
     const xCache = String(response.headers['x-cache'] ?? '');
     const cache = CACHE_STATUSES.has(xCache as CacheStatus) ? (xCache as CacheStatus) : undefined;
     res.writeHead(response.statusCode, responseHeadersForClient(response.headers));
@@ -195,7 +195,7 @@ export class OwnerRouter {
       return { status: response.statusCode, bytes, peer: member, ...(cache ? { cache } : {}) };
     } catch (err) {
       res.destroy();
-      const error = `the stream from cluster peer ${member} failed: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`;
+      const error = clientGone.aborted ? 'the client went away' : `the stream from cluster peer ${member} failed: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`;
       return { status: response.statusCode, bytes, peer: member, ...(cache ? { cache } : {}), error };
     }
   }
