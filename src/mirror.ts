@@ -21,6 +21,7 @@ import https from 'node:https';
 import type { Policy, ProxyUser, RegistryPolicy } from '../config/policy.ts';
 import { DOCKER_HUB_KEY, mirrorRegistryKey, type MirrorPolicy } from '../config/mirror.ts';
 import type { CertificateAuthority } from './ca.ts';
+import { createLeafServer } from './leaf-server.ts';
 import { pathForLog, type Logger } from './log.ts';
 import { authenticateProxyUser } from './proxy-users.ts';
 import { sendRegistryError } from './registry/errors.ts';
@@ -134,15 +135,8 @@ export function createMirror(deps: MirrorDeps): MirrorFront {
   if (mirror.tls?.certFile && mirror.tls.keyFile) {
     server = https.createServer({ cert: readFileSync(mirror.tls.certFile), key: readFileSync(mirror.tls.keyFile) }, onRequest);
   } else if (mirror.tls) {
-    const names = mirror.tls.names;
-    server = https.createServer(
-      {
-        // A client that sends no SNI (an address) gets the first name's certificate.
-        ...deps.ca.serverOptionsFor(names[0]!),
-        SNICallback: (servername, done) => done(null, deps.ca.secureContextFor(names.includes(servername.toLowerCase()) ? servername.toLowerCase() : names[0]!)),
-      },
-      onRequest,
-    );
+    // A client that sends no SNI (an address) gets the first name's certificate.
+    server = createLeafServer(deps.ca, mirror.tls.names, onRequest);
   } else {
     server = http.createServer(onRequest);
   }

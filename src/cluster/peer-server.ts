@@ -3,10 +3,11 @@
 // single-flight fill, to peers that carry the shared secret. It runs the same registry handler as the
 // fronts, with what the receiving replica knew about the client, and never forwards a request further:
 // it is not a proxy for anyone, and two replicas that rank a key differently cannot bounce it around.
-import https from 'node:https';
+import type https from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Policy } from '../../config/policy.ts';
 import type { CertificateAuthority } from '../ca.ts';
+import { createLeafServer } from '../leaf-server.ts';
 import type { PurgeRequest } from '../admin/index.ts';
 import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { PurgeResult } from '../cache/purge.ts';
@@ -118,7 +119,7 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
   };
 
   const timeouts = policy.defaults.timeouts;
-  const server = https.createServer({ ...deps.ca.serverOptionsFor(PEER_TLS_NAME), SNICallback: (_name, done) => done(null, deps.ca.secureContextFor(PEER_TLS_NAME)) }, onRequest);
+  const server = createLeafServer(deps.ca, [PEER_TLS_NAME], onRequest);
   server.headersTimeout = timeouts.clientHeaderMs;
   server.requestTimeout = 0; // blobs may take long; idle peers are cut by the socket timeout
   server.keepAliveTimeout = timeouts.keepAliveMs;

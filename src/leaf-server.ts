@@ -1,0 +1,30 @@
+// An HTTPS server that presents leaves from the proxy's CA for a few names of its own (the registry-
+// mirror front's names, the cluster peer port's), ECDSA and RSA both, whether or not the client sends
+// SNI. Node's SNICallback can only swap in a context whose last certificate it keeps (RSA: see
+// LEAF_KEY_TYPES in ca.ts), so the first name is the server's default context, kept fresh here, and
+// only the other names are swapped in.
+import https from 'node:https';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { CertificateAuthority } from './ca.ts';
+
+/** The default context is made again this often: a leaf is renewed a week before its 90 days end. */
+const REFRESH_MS = 86_400_000;
+
+export function createLeafServer(ca: CertificateAuthority, names: readonly string[], onRequest: (req: IncomingMessage, res: ServerResponse) => void): https.Server {
+  const [first, ...others] = names.map((name) => name.toLowerCase());
+  const server = https.createServer(
+    {
+      ...ca.serverOptionsFor(first!),
+      SNICallback: (servername, done) => {
+        const name = servername.toLowerCase();
+        if (others.includes(name)) done(null, ca.secureContextFor(name));
+        else done(null);
+      },
+    },
+    onRequest,
+  );
+  const refresh = setInterval(() => server.setSecureContext(ca.serverOptionsFor(first!)), REFRESH_MS);
+  refresh.unref();
+  server.once('close', () => clearInterval(refresh));
+  return server;
+}
