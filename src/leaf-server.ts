@@ -5,6 +5,8 @@
 // only the other names are swapped in.
 import https from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type http from 'node:http';
+import type { Timeouts } from '../config/policy.ts';
 import type { CertificateAuthority } from './ca.ts';
 
 /** The default context is made again this often: a leaf is renewed a week before its 90 days end. */
@@ -27,4 +29,19 @@ export function createLeafServer(ca: CertificateAuthority, names: readonly strin
   refresh.unref();
   server.once('close', () => clearInterval(refresh));
   return server;
+}
+
+/**
+ * The client timeouts of the policy on a registry listener of the proxy's own (the mirror front, the
+ * peer port), and a 400 for what does not parse as HTTP.
+ */
+export function applyClientTimeouts(server: http.Server, timeouts: Timeouts): void {
+  server.headersTimeout = timeouts.clientHeaderMs;
+  server.requestTimeout = 0; // blobs may take long; idle clients are cut by the socket timeout
+  server.keepAliveTimeout = timeouts.keepAliveMs;
+  server.timeout = timeouts.clientIdleMs;
+  server.on('clientError', (_err, socket) => {
+    if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
+    else socket.destroy();
+  });
 }

@@ -21,7 +21,7 @@ import https from 'node:https';
 import type { Policy, ProxyUser, RegistryPolicy } from '../config/policy.ts';
 import { DOCKER_HUB_KEY, mirrorRegistryKey, type MirrorPolicy } from '../config/mirror.ts';
 import type { CertificateAuthority } from './ca.ts';
-import { createLeafServer } from './leaf-server.ts';
+import { applyClientTimeouts, createLeafServer } from './leaf-server.ts';
 import { pathForLog, type Logger } from './log.ts';
 import { authenticateProxyUser } from './proxy-users.ts';
 import { sendRegistryError } from './registry/errors.ts';
@@ -140,14 +140,7 @@ export function createMirror(deps: MirrorDeps): MirrorFront {
   } else {
     server = http.createServer(onRequest);
   }
-  server.headersTimeout = timeouts.clientHeaderMs;
-  server.requestTimeout = 0; // blobs may take long; idle clients are cut by the socket timeout
-  server.keepAliveTimeout = timeouts.keepAliveMs;
-  server.timeout = timeouts.clientIdleMs;
-  server.on('clientError', (_err, socket) => {
-    if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
-    else socket.destroy();
-  });
+  applyClientTimeouts(server, timeouts);
 
   return {
     server,

@@ -7,7 +7,7 @@ import type https from 'node:https';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Policy } from '../../config/policy.ts';
 import type { CertificateAuthority } from '../ca.ts';
-import { createLeafServer } from '../leaf-server.ts';
+import { applyClientTimeouts, createLeafServer } from '../leaf-server.ts';
 import type { PurgeRequest } from '../admin/index.ts';
 import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { PurgeResult } from '../cache/purge.ts';
@@ -118,15 +118,7 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
       });
   };
 
-  const timeouts = policy.defaults.timeouts;
   const server = createLeafServer(deps.ca, [PEER_TLS_NAME], onRequest);
-  server.headersTimeout = timeouts.clientHeaderMs;
-  server.requestTimeout = 0; // blobs may take long; idle peers are cut by the socket timeout
-  server.keepAliveTimeout = timeouts.keepAliveMs;
-  server.timeout = timeouts.clientIdleMs;
-  server.on('clientError', (_err, socket) => {
-    if (socket.writable) socket.end('HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n');
-    else socket.destroy();
-  });
+  applyClientTimeouts(server, policy.defaults.timeouts);
   return server;
 }
