@@ -40,6 +40,8 @@ import { addWarmUser, loopbackUrl, WarmSchedule } from './warm-schedule.ts';
 import { UpstreamAuth } from './registry/upstream-auth.ts';
 
 const CA_EXPIRY_WARNING_MS = 30 * 86_400_000;
+/** A stopping proxy ends its drain once nothing has been in flight for this long. */
+const DRAIN_QUIET_MS = 500;
 
 export interface RunningProxy {
   port: number;
@@ -124,7 +126,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const purgeHere = (request: PurgeRequest) => purge(request, { store, fills, manifests: manifestStore, log });
   const inFlight = new InFlight();
   let draining = false;
-  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, ...(owners ? { owners } : {}) });
+  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, closing: () => draining, ...(owners ? { owners } : {}) });
   // The peer port listens before the front, and only then are the peers asked for their ids: replicas
   // starting together find each other at once (asking for an id makes the one asked look again).
   let peerServer: https.Server | undefined;
@@ -224,10 +226,17 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     stats,
     async drain(graceMs) {
       draining = true;
-      // Listeners stop accepting; open connections stay, so that requests in flight end whole.
+      sessions.stopping = true;
+      // Listeners stop accepting; open connections stay, so that requests in flight end whole. Every
+      // answer from now on says Connection: close, and the drain ends only once nothing has been in
+      // flight for a moment: a client that had just connected sends its request meanwhile.
       for (const server of [front.server, mirror?.server, peerServer]) server?.close();
-      const finished = await inFlight.idle(graceMs);
-      return { finished, cut: inFlight.count };
+      const deadline = Date.now() + graceMs;
+      for (;;) {
+        if (!(await inFlight.idle(Math.max(0, deadline - Date.now())))) return { finished: false, cut: inFlight.count };
+        await new Promise((resolve) => setTimeout(resolve, Math.min(DRAIN_QUIET_MS, Math.max(0, deadline - Date.now()))));
+        if (inFlight.count === 0) return { finished: true, cut: 0 };
+      }
     },
     async close() {
       await warmSchedule?.close();

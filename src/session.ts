@@ -75,7 +75,7 @@ export class InterceptedSessions {
       // With TLS 1.3 the client checks our certificate after the server side has finished, so a client
       // that does not trust the CA just closes before its first request: on its side the classic
       // "x509: certificate signed by unknown authority". Worth a hint to the operator.
-      if (session.requests > 0) return;
+      if (session.requests > 0 || this.stopping) return;
       this.log.warn('a client closed its intercepted session before any request (does it trust the proxy CA from /ca.crt?)', {
         registry: registry.key,
         client,
@@ -157,8 +157,12 @@ export class InterceptedSessions {
     return server;
   }
 
+  /** The proxy is stopping: sessions it cuts before their first request are not the client's doing. */
+  stopping = false;
+
   /** Stops the servers' header checks; the sessions themselves end with their sockets (the front's close). */
   close(): void {
+    this.stopping = true;
     for (const server of this.servers.values()) server.close();
     this.servers.clear();
   }

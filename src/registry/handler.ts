@@ -49,6 +49,8 @@ export interface RegistryHandlerDeps {
   owners?: OwnerRouter;
   /** Counts the requests being answered, for a stop that lets them finish. */
   inFlight?: InFlight;
+  /** True once the proxy is stopping: answers close their connection, so clients go elsewhere. */
+  closing?: () => boolean;
 }
 
 /** A /v2/ answer is a small JSON document; a registry sending more is not read into memory. */
@@ -78,6 +80,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
       deps.log.access(entry);
       endRequestSpan(span, entry);
     };
+    if (deps.closing?.()) res.setHeader('Connection', 'close');
     const work = () => withSpan(span, () => handle(req, res, registry, user, route, access, started, log, fromPeer === true));
     try {
       await (deps.inFlight ? deps.inFlight.track(work) : work());
