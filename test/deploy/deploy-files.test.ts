@@ -246,6 +246,7 @@ interface Container {
   securityContext?: { readOnlyRootFilesystem?: boolean; allowPrivilegeEscalation?: boolean; runAsNonRoot?: boolean };
   readinessProbe?: Probe;
   livenessProbe?: Probe;
+  lifecycle?: { preStop?: { sleep?: { seconds: number } } };
   resources?: { requests?: Record<string, string> };
 }
 interface LabelSelector {
@@ -457,6 +458,13 @@ describe('deploy/kubernetes', () => {
     assert.equal(container.readinessProbe?.httpGet?.path, '/readyz', 'ready once the replica knows its peers');
     assert.equal(container.livenessProbe?.httpGet?.path, '/healthz');
     for (const probe of [container.readinessProbe, container.livenessProbe]) assert.equal(containerPort(probe?.httpGet?.port), 3128);
+  });
+
+  test('stops gracefully: a preStop pause while the Services let go, then the proxy\'s own drain (8 s, exit by 10 s), within the grace period', () => {
+    const pause = container.lifecycle?.preStop?.sleep?.seconds ?? 0;
+    assert.ok(pause >= 3, 'kube-proxy needs a moment to stop sending clients to a stopping pod');
+    const grace = (pod.spec as { terminationGracePeriodSeconds?: number }).terminationGracePeriodSeconds ?? 30;
+    assert.ok(grace >= pause + 10, `terminationGracePeriodSeconds ${grace} leaves the proxy its 10 s after the ${pause} s pause`);
   });
 
   test("mounts the ConfigMap's proxy.yaml where PULLTHROUGH_CONFIG points", () => {
