@@ -14,6 +14,7 @@ import { Stats } from './stats.ts';
 import { CertificateAuthority, CertificateError } from './ca.ts';
 import { Membership, replicaId } from './cluster/membership.ts';
 import { OwnerRouter } from './cluster/owner-router.ts';
+import { PeerCopies } from './cluster/peer-copies.ts';
 import { rankFor } from './cluster/rendezvous.ts';
 import { createPeerServer } from './cluster/peer-server.ts';
 import { BlobStore } from './cache/blob-store.ts';
@@ -122,7 +123,10 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const clusterId = policy.cluster ? replicaId(policy.dataDir) : undefined;
   let owners: OwnerRouter | undefined;
   const membership = policy.cluster && clusterId ? new Membership(policy.cluster, clusterId, lookup, (address) => owners!.askId(address), log) : undefined;
-  if (membership && policy.cluster) owners = new OwnerRouter(membership, ca.certPem, policy.cluster.secret, log);
+  if (membership && policy.cluster) {
+    owners = new OwnerRouter(membership, ca.certPem, policy.cluster.secret, log);
+    fills.peerCopies = new PeerCopies(membership, ca.certPem, policy.cluster.secret, policy.defaults.timeouts);
+  }
   const purgeHere = (request: PurgeRequest) => purge(request, { store, fills, manifests: manifestStore, log });
   const inFlight = new InFlight();
   let draining = false;
@@ -131,7 +135,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   // starting together find each other at once (asking for an id makes the one asked look again).
   let peerServer: https.Server | undefined;
   if (policy.cluster && membership) {
-    peerServer = createPeerServer({ policy, secret: policy.cluster.secret, id: membership.self, heardFrom: (address) => membership.heardFrom(address), ca, registryHandler, auth, manifestStore, purge: purgeHere, log });
+    peerServer = createPeerServer({ policy, secret: policy.cluster.secret, id: membership.self, store, heardFrom: (address) => membership.heardFrom(address), ca, registryHandler, auth, manifestStore, purge: purgeHere, log });
     await listenOn(peerServer, policy.cluster.listen);
     const at = peerServer.address() as AddressInfo;
     log.info('the cluster peer port is listening', { listen: `${at.address}:${at.port}`, id: membership.self, self: membership.selfAddress });

@@ -15,7 +15,7 @@ import { contextFrom, contextWith, endSpan, flushTracing, startTracing, startUps
 import { preloadTrust, UpstreamAgents, type UpstreamConfig } from '../src/upstream/agents.ts';
 import { BACKOFF_CAP_MS, backoffMs, discard, guard, MAX_ATTEMPTS, positionAt, readable, retryAfterMs } from '../src/upstream/body.ts';
 import { requestFollowingRedirects, TooManyRedirectsError, urlForLog } from '../src/upstream/redirects.ts';
-import type { FillMessage, FillOutcome, FillReply, FillTask } from '../src/cache/fill-protocol.ts';
+import type { FillMessage, FillOutcome, FillReply, FillTask, PeerSource } from '../src/cache/fill-protocol.ts';
 
 /** Writes of at least this size (64 KiB writes doubled the CPU per GiB). */
 const WRITE_BATCH = 1024 * 1024;
@@ -87,8 +87,20 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
   /** A fresh Authorization from the primary, after the registry refused the one the fill started with. */
   let authorization: string | undefined;
   let retry: Retry | undefined;
+  /** Bytes came from a cluster peer's copy. */
+  let fromPeer = false;
   try {
+    // Cluster mode: a replica that holds a verified public copy saves the registry a download.
+    const copied = task.peerSources ? await copyFromPeers(task.peerSources, writer, opening, send) : undefined;
+    if (copied instanceof WriteError) return { kind: 'failed', reason: copied.message, offset: writer.written, writeError: true };
+    if (copied) {
+      ({ file, size } = copied);
+      responded = true;
+      fromPeer = true;
+    }
     for (let attempt = 1; ; attempt++) {
+      // A peer's copy came whole: nothing to ask the registry.
+      if (copied && size !== undefined && writer.written >= size) break;
       const offset = writer.written;
       const last = attempt >= MAX_ATTEMPTS;
       attempts.count = attempt;
@@ -191,7 +203,7 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
     }
     const actual = hash.digest('hex');
     if (actual !== expectedHex) {
-      return { kind: 'failed', reason: `digest mismatch: upstream sent ${algorithm}:${actual} for ${task.digest}`, offset: writer.written, mismatch: true };
+      return { kind: 'failed', reason: `digest mismatch: ${fromPeer ? 'a cluster peer\'s copy and upstream' : 'upstream'} sent ${algorithm}:${actual} for ${task.digest}`, offset: writer.written, mismatch: true, ...(fromPeer ? { fromPeer } : {}) };
     }
     send({ type: 'verified', size: writer.written });
     try {
@@ -211,6 +223,48 @@ async function runFill(task: FillTask, send: (m: FillMessage) => void, attempts:
     // Whatever did not become a blob goes: never a partial file where a blob could be looked for.
     await rm(task.partPath, { force: true }).catch(() => {});
   }
+}
+
+/**
+ * The first peer that answers 200 with a length streams its copy into the file (the 'response' goes to
+ * the primary as for an upstream answer); a copy cut short leaves the file where it is, for the
+ * registry to complete with Range. Peers that answer anything else, or not at all, are passed over.
+ */
+async function copyFromPeers(
+  sources: PeerSource[],
+  writer: BatchWriter,
+  opening: Promise<FileHandle | Error>,
+  send: (m: FillMessage) => void,
+): Promise<{ file: FileHandle; size: number } | WriteError | undefined> {
+  for (const source of sources) {
+    let response: Dispatcher.ResponseData;
+    try {
+      response = await agents.for(source.upstream).request({ origin: source.upstream.origin, path: source.path, method: 'GET', headers: source.headers });
+    } catch {
+      continue;
+    }
+    guard(response.body);
+    const size = contentLength(response.headers);
+    if (response.statusCode !== 200 || size === undefined) {
+      discard(response.body);
+      continue;
+    }
+    const file = await opening;
+    if (file instanceof Error) {
+      discard(response.body);
+      return undefined; // the registry's attempt meets the same error and reports it
+    }
+    writer.file = file;
+    send({ type: 'response', size, mediaType: headerValue(response.headers['content-type']), hops: 0, from: `cluster peer ${source.upstream.origin}` });
+    try {
+      await writer.consume(response.body, size);
+    } catch (err) {
+      discard(response.body);
+      if (err instanceof WriteError) return err;
+    }
+    return { file, size };
+  }
+  return undefined;
 }
 
 /** The .part file, created for writing (0600); its directory made only when missing. Never rejects. */

@@ -18,6 +18,17 @@ export interface FillTask {
   port: MessagePort;
   /** The W3C traceparent of the fill's span in the primary (tracing.ts carrierOf), when tracing. */
   trace?: Record<string, string>;
+  /**
+   * Cluster mode: replicas that may hold a verified public copy, asked in order before the registry. A
+   * copy is hashed like any upstream answer; one cut short is resumed at the registry with Range.
+   */
+  peerSources?: PeerSource[];
+}
+
+export interface PeerSource {
+  upstream: UpstreamConfig;
+  path: string;
+  headers: Record<string, string>;
 }
 
 export type FillMessage =
@@ -61,4 +72,6 @@ export type FillOutcome =
       writeError?: boolean;
       /** The digest had verified before the store failed. */
       verified?: boolean;
+      /** Bytes came from a cluster peer's copy (a mismatch then says that copy is bad). */
+      fromPeer?: boolean;
     };

@@ -8,7 +8,7 @@ import type { Logger } from '../log.ts';
 import type { WorkerPool } from '../pool.ts';
 import type { UpstreamConfig } from '../upstream/agents.ts';
 import type { Access, BlobStore, CacheLimits } from './blob-store.ts';
-import type { FillMessage, FillOutcome, FillReply, FillTask } from './fill-protocol.ts';
+import type { FillMessage, FillOutcome, FillReply, FillTask, PeerSource } from './fill-protocol.ts';
 import { carrierOf, endSpan, tracer } from '../tracing.ts';
 
 export interface FillRequest {
@@ -121,7 +121,16 @@ export interface FillEvents {
   retried(registry: string, offset: number): void;
 }
 
+/** Cluster mode: replicas that may hold a copy of a blob, asked before upstream (src/cluster/peer-copies.ts). */
+export interface PeerCopySources {
+  sourcesFor(digest: string): PeerSource[] | undefined;
+  /** A fill from a peer's copy did not match its digest. */
+  distrust(digest: string): void;
+}
+
 export class Fills {
+  /** Set in cluster mode, once the members are known. */
+  peerCopies: PeerCopySources | undefined;
   private readonly events: FillEvents | undefined;
   private readonly inflight = new Map<string, Fill>();
   private readonly pool: WorkerPool;
@@ -187,7 +196,8 @@ export class Fills {
       }
     });
     const trace = carrierOf(span);
-    const task: FillTask = { digest: request.digest, upstream: request.upstream, path: request.path, headers: request.headers, partPath: fill.partPath, blobPath: fill.blobPath, port: port2, ...(trace ? { trace } : {}) };
+    const peerSources = this.peerCopies?.sourcesFor(request.digest);
+    const task: FillTask = { digest: request.digest, upstream: request.upstream, path: request.path, headers: request.headers, partPath: fill.partPath, blobPath: fill.blobPath, port: port2, ...(trace ? { trace } : {}), ...(peerSources ? { peerSources } : {}) };
     this.pool.fill(task, [port2]).catch((err: Error) => {
       // The worker died (Piscina replaces it): its clients are cut, the next request fills again.
       if (fill.outcome) return;
@@ -213,6 +223,10 @@ export class Fills {
 
   private finish(request: FillRequest, fill: Fill, outcome: FillOutcome, span: Span, resumes?: number): void {
     this.events?.ended(request.registry, outcome);
+    if (outcome.kind === 'failed' && outcome.mismatch && outcome.fromPeer) {
+      this.peerCopies?.distrust(request.digest);
+      this.log.warn('a cluster peer\'s copy of a blob did not match its digest; it is fetched from upstream from now on', { digest: request.digest });
+    }
     endSpan(
       span,
       {

@@ -21,6 +21,14 @@ export const PEER_TLS_NAME = 'pullthrough-peer';
 /** A replica's id (GET, answered as JSON { id }): what membership ranks, rather than the address. */
 export const PEER_ID_PATH = '/peer-id';
 
+/**
+ * A public blob this replica holds, for an owner that has to fill it (GET /peer-blob/<digest>): a
+ * replica that stood in for the owner, or owned the digest before the members changed, has it. Only
+ * blobs anyone may read are handed over this way (what upstream answered anonymously), so that
+ * nothing about who may read a blob is taken on another replica's word; anything else is a 404.
+ */
+export const PEER_BLOB_PREFIX = '/peer-blob/';
+
 /** An admin purge passed on to every member (POST, the purge request as JSON). */
 export const PEER_PURGE_PATH = '/peer-purge';
 

@@ -9,15 +9,17 @@ import type { Policy } from '../../config/policy.ts';
 import type { CertificateAuthority } from '../ca.ts';
 import { applyClientTimeouts, createLeafServer } from '../leaf-server.ts';
 import type { PurgeRequest } from '../admin/index.ts';
+import type { BlobStore } from '../cache/blob-store.ts';
+import { pumpFile } from '../cache/blob-reader.ts';
 import type { ManifestStore } from '../cache/manifest-store.ts';
 import type { PurgeResult } from '../cache/purge.ts';
 import { readAtMost } from '../upstream/body.ts';
 import type { Logger } from '../log.ts';
 import type { RegistryHandler } from '../registry/handler.ts';
-import { isRouteError, routeRequest } from '../registry/route.ts';
+import { isRouteError, parseDigest, routeRequest } from '../registry/route.ts';
 import type { UpstreamAuth } from '../registry/upstream-auth.ts';
 import { withErrorAnswers } from '../request-failures.ts';
-import { parsePeerPath, parseTokenAccess, PEER_HEADERS, PEER_ID_PATH, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, secretMatches } from './peer-protocol.ts';
+import { parsePeerPath, parseTokenAccess, PEER_BLOB_PREFIX, PEER_HEADERS, PEER_ID_PATH, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, secretMatches } from './peer-protocol.ts';
 
 export interface PeerServerDeps {
   policy: Policy;
@@ -28,6 +30,8 @@ export interface PeerServerDeps {
   manifestStore: ManifestStore;
   /** This replica's id (what membership ranks). */
   id: string;
+  /** Public blobs are handed to an owner that has to fill them. */
+  store: BlobStore;
   /** A peer asked for this replica's id (from this address). */
   heardFrom?: (address: string | undefined) => void;
   /** This replica's own purge (an admin purge made on another replica reaches every one). */
@@ -69,6 +73,10 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
       return res.end(body);
     }
     if (req.url === PEER_PURGE_PATH && req.method === 'POST') return purgeHere(req, res);
+    if (req.url?.startsWith(PEER_BLOB_PREFIX) && req.method === 'GET') {
+      servePublicCopy(req.url.slice(PEER_BLOB_PREFIX.length), res).catch(() => res.destroy());
+      return;
+    }
     const peerRequest = parsePeerPath(req.url ?? '/');
     if (!peerRequest || (req.method !== 'GET' && req.method !== 'HEAD' && req.method !== 'DELETE')) return refuse(req, res, 404, 'a peer serves GET and HEAD of /peer/<registry>/v2/<name>/blobs|manifests/<reference> only');
     const registry = policy.registries.get(peerRequest.registryKey);
@@ -99,6 +107,27 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
     for (const name of Object.values(PEER_HEADERS)) delete req.headers[name];
     req.url = peerRequest.path;
     handle(req, res, { registry, client, ...(user ? { user } : {}), fromPeer: true }).catch(() => res.destroy());
+  };
+
+  /** A verified blob anyone may read, whole, for the owner's fill (which hashes it again); else 404. */
+  const servePublicCopy = async (text: string, res: ServerResponse) => {
+    const digest = parseDigest(text);
+    const entry = digest ? deps.store.lookup(digest) : undefined;
+    const opened = digest && entry?.access === 'anonymous' ? await deps.store.open(digest) : undefined;
+    if (!digest || !opened) {
+      res.writeHead(404, { 'Content-Length': 0 });
+      res.end();
+      return;
+    }
+    try {
+      deps.store.touch(digest, opened.entry);
+      res.writeHead(200, { 'Content-Length': opened.entry.size, 'Content-Type': opened.entry.mediaType ?? 'application/octet-stream', 'Docker-Content-Digest': digest });
+      const pumped = await pumpFile(res, opened.handle, 0, opened.entry.size);
+      if (pumped.kind === 'complete') res.end();
+      else res.destroy();
+    } finally {
+      await opened.handle.close().catch(() => {});
+    }
   };
 
   /** The purge request was checked by the replica that took it; only its shape is checked again here. */

@@ -25,6 +25,11 @@ export interface UpstreamConfig {
   ipv6: boolean;
   /** The forward proxy for this registry's traffic (credentials included: never log this object); absent: direct. */
   forwardProxy?: ForwardProxyConfig;
+  /**
+   * A cluster peer, reached by address: its certificate is checked for this name, against `caPem` (the
+   * cluster's CA) alone.
+   */
+  peerName?: string;
 }
 
 export function upstreamConfig(registry: RegistryPolicy, hosts: ReadonlyMap<string, readonly string[]>, ipv6: boolean): UpstreamConfig {
@@ -58,7 +63,7 @@ export function createAgent(config: UpstreamConfig): Dispatcher {
     connections: 64,
     pipelining: 1,
   };
-  const upstreamTls = { secureContext: trustContext(config.caPem), rejectUnauthorized: config.verify };
+  const upstreamTls = { secureContext: trustContext(config.caPem, config.peerName !== undefined), rejectUnauthorized: config.verify, ...(config.peerName ? { servername: config.peerName } : {}) };
   const lookup = createLookup(new Map(config.hosts), config.ipv6);
   const direct = new Agent({ ...pool, connect: { ...upstreamTls, lookup, timeout: config.timeouts.connectMs } });
   if (!config.forwardProxy) return direct;
@@ -80,9 +85,10 @@ const trustContexts = new Map<string, tls.SecureContext>();
  * The context every upstream TLS connection of a trust starts from: Node builds a new one for each
  * tls.connect given `ca` (parsing every root, ~11 ms with 271 of them), and undici passes its options on.
  */
-function trustContext(caPem: string | undefined): tls.SecureContext {
-  let context = trustContexts.get(caPem ?? '');
-  if (!context) trustContexts.set(caPem ?? '', (context = tls.createSecureContext({ ca: [...defaultCas(), ...(caPem ? [caPem] : [])] })));
+function trustContext(caPem: string | undefined, only = false): tls.SecureContext {
+  const key = `${only ? 'only:' : ''}${caPem ?? ''}`;
+  let context = trustContexts.get(key);
+  if (!context) trustContexts.set(key, (context = tls.createSecureContext({ ca: [...(only ? [] : defaultCas()), ...(caPem ? [caPem] : [])] })));
   return context;
 }
 

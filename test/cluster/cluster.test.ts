@@ -3,10 +3,11 @@
 // blob and each manifest is fetched upstream once per cluster, a warm pull through any replica sends
 // nothing upstream, peer ports refuse whoever lacks the secret, and private content stays private.
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { request } from 'node:https';
 import { after, before, describe, test } from 'node:test';
-import { clusterPolicy, freePeerPort, waitForMembers, replicaAddress, sharedCaDir } from '../helpers/cluster.ts';
+import { CLUSTER_SECRET, clusterPolicy, freePeerPort, replicaAddress, sharedCaDir, waitForMembers } from '../helpers/cluster.ts';
 import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
 import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
@@ -64,6 +65,18 @@ describe('cluster mode: three replicas, one cache', () => {
       removeTempDir(destDir);
     }
   }
+
+  /** A request to replica i's peer port (its certificate is the cluster CA's; not checked here). */
+  const peerGet = (i: number, path: string, headers: Record<string, string>) =>
+    new Promise<{ status: number; body: Buffer }>((resolve, reject) => {
+      const req = request({ host: replicaAddress(i), port: peerPort, path, headers, rejectUnauthorized: false }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (chunk: Buffer) => chunks.push(chunk));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) }));
+      });
+      req.on('error', reject);
+      req.end();
+    });
 
   const summary = () => rig.describeRequests((r) => r.host !== 'auth');
 
@@ -125,6 +138,22 @@ describe('cluster mode: three replicas, one cache', () => {
     }
     const again = await skopeoPull(ref, replicas[2]!, PRIVATE_USER);
     assert.ok(again.ok, again.detail);
+    // Nor does any replica hand its private blobs to another (only public copies go between replicas).
+    for (const digest of [image.configDigest, ...image.layerDigests]) {
+      for (let i = 0; i < REPLICAS; i++) assert.equal((await peerGet(i, `/peer-blob/${digest}`, { 'x-pullthrough-peer-secret': CLUSTER_SECRET })).status, 404, `${digest} from replica ${i}`);
+    }
+  });
+
+  test('a public blob is handed to a peer whole, with the secret only', async () => {
+    const { image, ref } = await pushed('library/copy-cluster', 1);
+    assert.ok((await skopeoPull(ref, replicas[0]!)).ok);
+    const digest = image.layerDigests[0]!;
+    const answers = await Promise.all(replicas.map((_, i) => peerGet(i, `/peer-blob/${digest}`, { 'x-pullthrough-peer-secret': CLUSTER_SECRET })));
+    const holders = answers.filter((a) => a.status === 200);
+    assert.equal(holders.length, 1, 'the owner alone holds it');
+    assert.equal(`sha256:${createHash('sha256').update(holders[0]!.body).digest('hex')}`, digest);
+    for (let i = 0; i < REPLICAS; i++) assert.equal((await peerGet(i, `/peer-blob/${digest}`, {})).status, 403);
+    assert.equal((await peerGet(0, '/peer-blob/sha256:../../etc/passwd', { 'x-pullthrough-peer-secret': CLUSTER_SECRET })).status, 404);
   });
 
   test('a tag pushed through one replica is pulled new through every other at once (every replica forgot its copy)', async () => {

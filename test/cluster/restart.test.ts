@@ -2,9 +2,10 @@
 // but its volume owns the keys it owned before and finds them in its cache, so a restart sends nothing
 // upstream again.
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { blobKey, rankFor } from '../../src/cluster/rendezvous.ts';
 import { clusterPolicy, freePeerPort, sharedCaDir, waitForMembers } from '../helpers/cluster.ts';
 import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
 import { buildOciImage } from '../helpers/oci-image.ts';
@@ -72,5 +73,27 @@ describe('cluster mode: a replica restarted at another address', () => {
     for (const replica of replicas) assert.equal(await pull(ref, replica), image.manifestDigest);
     const upstream = rig.count((r) => r.host === 'cdn' || (r.host === 'registry' && (r.kind === 'manifest' || r.kind === 'blob')));
     assert.equal(upstream, 0, rig.describeRequests((r) => r.host !== 'auth'));
+  });
+
+  test('what the others fetched while it was away, it copies from them when it is back: still one upstream fetch per blob', async () => {
+    const image = await buildOciImage(join(work, 'layout-away'), { layers: Array.from({ length: 8 }, () => ({ randomBytes: 64 * 1024 })), tag: '1.0' });
+    const ref = await rig.pushHub(image.layoutDir, '1.0', 'library/while-away');
+    const ids = replicas.map((r) => readFileSync(join(r.dataDir, 'cluster-id'), 'utf8').trim());
+    const blobs = [image.configDigest, ...image.layerDigests];
+    const ownedBy1 = blobs.filter((digest) => rankFor(blobKey(digest), ids)[0] === ids[1]);
+    assert.ok(ownedBy1.length > 0, 'replica 1 owns some of the blobs');
+
+    await replicas[1]!.close();
+    rig.resetCounts();
+    assert.equal(await pull(ref, replicas[0]!), image.manifestDigest);
+    for (const digest of blobs) assert.equal(rig.count({ host: 'cdn', reference: digest }), 1);
+
+    replicas[1] = await start(1, 1);
+    await waitForMembers(replicas.map((r) => r.url), REPLICAS);
+    rig.resetCounts();
+    for (const replica of replicas) assert.equal(await pull(ref, replica), image.manifestDigest);
+    assert.equal(rig.count((r) => r.host === 'cdn'), 0, rig.describeRequests((r) => r.host !== 'auth'));
+    // Replica 1 holds its blobs again, copied from the replicas that stood in.
+    for (const digest of ownedBy1) assert.ok(existsSync(join(replicas[1]!.dataDir, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7))), `${digest} is back on its owner`);
   });
 });
