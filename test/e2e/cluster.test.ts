@@ -419,9 +419,15 @@ describe('cluster mode end to end: three replica processes, real clients, one ca
     }
     assert.equal(rig.count({ host: 'cdn' }), 0, `cached once the retry's fill completed: ${upstreamSummary()}`);
 
-    // The owner comes back with the same data directory; its stale .part is gone.
+    // The owner comes back with the same data directory; its stale .part is gone. It owns the blob
+    // again and copies it from the replica that stood in: still nothing more from the CDN.
     await restart(owner);
     assert.deepEqual(partFiles(owner.dataDir), [], 'the killed fill\'s .part removed at start');
+    rig.resetCounts();
+    const back = await streamThrough(others[0]!, path, { token: await anonymousToken(others[0]!, repository) });
+    assert.deepEqual([back.status, back.complete, back.digest], [200, true, digest], 'GET once the owner is back');
+    assert.equal(rig.count({ host: 'cdn' }), 0, `the owner copied the blob from a peer: ${upstreamSummary()}`);
+    await waitFor(`the blob verified on the owner again`, () => hasBlobFile(owner.dataDir, digest), 30_000);
   });
 
   test('a rolling restart of all three replicas during continuous skopeo pulls: every pull verified, no client fails twice in a row', { timeout: 180_000 }, async (t) => {
