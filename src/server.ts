@@ -135,7 +135,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   // starting together find each other at once (asking for an id makes the one asked look again).
   let peerServer: https.Server | undefined;
   if (policy.cluster && membership) {
-    peerServer = createPeerServer({ policy, secret: policy.cluster.secret, id: membership.self, store, heardFrom: (address) => membership.heardFrom(address), ca, registryHandler, auth, manifestStore, purge: purgeHere, log });
+    peerServer = createPeerServer({ policy, secret: policy.cluster.secret, id: membership.self, store, heardFrom: (asker) => membership.heardFrom(asker), ca, registryHandler, auth, manifestStore, purge: purgeHere, log });
     await listenOn(peerServer, policy.cluster.listen);
     const at = peerServer.address() as AddressInfo;
     log.info('the cluster peer port is listening', { listen: `${at.address}:${at.port}`, id: membership.self, self: membership.selfAddress });

@@ -18,6 +18,8 @@ import { resolveAll } from '../resolver.ts';
 export type AskId = (address: string) => Promise<string>;
 
 const ID_FILE = 'cluster-id';
+/** Refreshes for a replica not known yet happen at most this often (a refresh asks every peer). */
+const HEARD_REFRESH_MIN_MS = 1_000;
 const ID = /^[0-9a-f]{32}$/;
 
 /** This replica's id: read from the data directory, or made there once. */
@@ -52,6 +54,8 @@ export class Membership {
   private readonly log: Logger;
   private lastProblem = '';
   private refreshing: Promise<void> | undefined;
+  private lastHeardRefresh = 0;
+  private heardTimer: NodeJS.Timeout | undefined;
   private again = false;
 
   constructor(policy: ClusterPolicy, selfId: string, lookup: LookupFunction, askId: AskId, log: Logger) {
@@ -92,12 +96,24 @@ export class Membership {
   }
 
   /**
-   * A peer this replica does not know asked for its id: it has just started, so look again now rather
-   * than at the next interval (replicas starting together find each other in a moment).
+   * A replica asked for this one's id, giving its own and its address: one this replica does not know
+   * there has just started,
+   * so look again now rather than at the next interval (replicas starting together find each other in
+   * a moment). By id, not by the asker's address: behind NAT or a mesh sidecar that is not the peer
+   * address, and every question would start a refresh that asks every peer, which asks back.
    */
-  heardFrom(address: string | undefined): void {
-    if (address !== undefined && [...this.addresses.values()].some((known) => known.startsWith(`${address}:`) || known.startsWith(`[${address}]:`))) return;
-    void this.refreshNow();
+  heardFrom(asker: string | undefined): void {
+    const [id, address] = (asker ?? '').split(' ');
+    // Known, at the address it gives: nothing new (a replica back at a new address is new there).
+    if (!id || !isReplicaId(id) || this.addresses.get(id) === address) return;
+    if (this.heardTimer) return; // one is planned already
+    const wait = Math.max(0, this.lastHeardRefresh + HEARD_REFRESH_MIN_MS - Date.now());
+    this.heardTimer = setTimeout(() => {
+      this.heardTimer = undefined;
+      this.lastHeardRefresh = Date.now();
+      void this.refreshNow();
+    }, wait);
+    this.heardTimer.unref();
   }
 
   /** One refresh at a time; asked during one, another follows it. */
@@ -118,6 +134,7 @@ export class Membership {
 
   close(): void {
     clearTimeout(this.timer);
+    clearTimeout(this.heardTimer);
   }
 
   /** A peer that could not be reached: passed over until the next refresh interval has gone by. */

@@ -177,7 +177,7 @@ export class OwnerRouter {
 
   /** Asks the replica at a peer address for its id (membership ranks ids). */
   async askId(address: string): Promise<string> {
-    const response = await this.agent.request({ origin: `https://${address}`, path: PEER_ID_PATH, method: 'GET', headers: { [PEER_HEADERS.secret]: this.secret }, headersTimeout: PEER_CONNECT_TIMEOUT_MS, bodyTimeout: PEER_CONNECT_TIMEOUT_MS });
+    const response = await this.agent.request({ origin: `https://${address}`, path: PEER_ID_PATH, method: 'GET', headers: { [PEER_HEADERS.secret]: this.secret, [PEER_HEADERS.asker]: `${this.membership.self} ${this.membership.selfAddress}` }, headersTimeout: PEER_CONNECT_TIMEOUT_MS, bodyTimeout: PEER_CONNECT_TIMEOUT_MS });
     const text = await response.body.text();
     if (response.statusCode !== 200) throw new Error(`answered ${response.statusCode}`);
     return String((JSON.parse(text) as { id?: unknown }).id);

@@ -10,6 +10,8 @@ export const PEER_HEADERS = {
   client: 'x-pullthrough-peer-client',
   /** "anonymous;<until ms>" or "central;<until ms>": the client's token, as the receiving replica saw it issued. */
   token: 'x-pullthrough-peer-token',
+  /** The asking replica's own id and peer address ("<id> <host:port>"), on a request for this replica's id. */
+  asker: 'x-pullthrough-peer-asker',
 } as const;
 
 /** On the owner's refusals of a peer request (a wrong secret, a registry not in its policy): not the registry's answer. */

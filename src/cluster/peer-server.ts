@@ -32,8 +32,8 @@ export interface PeerServerDeps {
   id: string;
   /** Public blobs are handed to an owner that has to fill them. */
   store: BlobStore;
-  /** A peer asked for this replica's id (from this address). */
-  heardFrom?: (address: string | undefined) => void;
+  /** A peer asked for this replica's id (giving its own and its address: "<id> <host:port>"). */
+  heardFrom?: (asker: string | undefined) => void;
   /** This replica's own purge (an admin purge made on another replica reaches every one). */
   purge(request: PurgeRequest): Promise<PurgeResult>;
   log: Logger;
@@ -67,7 +67,8 @@ export function createPeerServer(deps: PeerServerDeps): https.Server {
   const onRequest = (req: IncomingMessage, res: ServerResponse) => {
     if (!secretMatches(req.headers[PEER_HEADERS.secret], deps.secret)) return refuse(req, res, 403, 'this is a cluster peer port: requests need the cluster secret');
     if (req.url === PEER_ID_PATH && req.method === 'GET') {
-      deps.heardFrom?.(req.socket.remoteAddress);
+      const asker = req.headers[PEER_HEADERS.asker];
+      deps.heardFrom?.(typeof asker === 'string' ? asker : undefined);
       const body = JSON.stringify({ id: deps.id }) + '\n';
       res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) });
       return res.end(body);

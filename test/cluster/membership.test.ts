@@ -142,6 +142,37 @@ describe('membership', () => {
     assert.equal(membership.isDown('2'.repeat(32)), false);
   });
 
+  test('a replica asking with an id it does not know makes it look again at once, at most once a second; a known one does not', async () => {
+    let asked = 0;
+    const counting = async (address: string) => {
+      asked++;
+      return ids(['127.0.0.22:4000'])(address);
+    };
+    const membership = new Membership({ ...policy(['127.0.0.22:4000']), refreshMs: 3_600_000 }, SELF, createLookup(new Map(), true), counting, quiet);
+    await membership.start();
+    try {
+      assert.equal(asked, 1);
+      // The peers asking each other for their ids (the known ones, every refresh) start nothing.
+      for (let i = 0; i < 50; i++) membership.heardFrom(`${'2'.repeat(32)} 127.0.0.22:4000`);
+      membership.heardFrom(undefined);
+      membership.heardFrom('not an id');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.equal(asked, 1, 'known or malformed askers started a refresh');
+      // A new one: one refresh now, however often it asks.
+      for (let i = 0; i < 50; i++) membership.heardFrom(`${'9'.repeat(32)} 127.0.0.29:4000`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.equal(asked, 2);
+      // A known one at a new address (back from a restart): looked at again too, once the second is over.
+      membership.heardFrom(`${'2'.repeat(32)} 127.0.0.28:4000`);
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.equal(asked, 2, 'not twice within a second');
+      await new Promise((resolve) => setTimeout(resolve, 900));
+      assert.equal(asked, 3);
+    } finally {
+      membership.close();
+    }
+  });
+
   test('the id is made once in the data directory and read back after a restart', () => {
     const dir = tempDir();
     const id = replicaId(dir);
