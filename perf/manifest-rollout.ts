@@ -18,21 +18,19 @@
 // an empty cache, warmed up on another image (leaf minted, code loaded, fill workers started), then the
 // N clients on the new tag. Every client must finish with the right digests. The proxy's own answers
 // (X-Cache per request, from its access log) are printed next to the registry's counts.
-import { mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { mkdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { formatSize, parseSize } from '../config/units.ts';
 import type { BuiltImage } from '../test/helpers/oci-image.ts';
-import { verifyDirCopy } from '../test/helpers/skopeo.ts';
 import { makeTempDir, runBenchmark } from './lib/cleanup.ts';
-import { pullLikeContainerd } from './lib/containerd-pull.ts';
-import { directTls, throughProxy } from './lib/https-clients.ts';
 import { describeEnvironment, environmentLine, progressTo } from './lib/measure.ts';
 import { PeakRssSampler, readCounters, readMachineBusySeconds, subtractCounters, type Counters } from './lib/procfs.ts';
 import { startProxyProcess, type ProxyProcess } from './lib/proxy.ts';
-import { countUpstream, pushSmallImage, REGISTRY_HOST, startUpstreamRegistry, upstreamPolicy, type Upstream, type UpstreamCounts } from './lib/registry.ts';
+import { countUpstream, pushSmallImage, startUpstreamRegistry, upstreamPolicy, type Upstream, type UpstreamCounts } from './lib/registry.ts';
 import { fixed, formatTable, median, roundNumbers } from './lib/report.ts';
-import { runSkopeoClients, skopeoVersion } from './lib/skopeo.ts';
+import { describeAnswers, pullAtOnce, readProxyAnswers, spreadMs, type ClientKind, type ProxyAnswers } from './lib/rollout.ts';
+import { skopeoVersion } from './lib/skopeo.ts';
 import { buildCommit, describeSource, sourceLine, type SourceState } from './lib/source.ts';
 
 const NAME = 'manifest-rollout';
@@ -42,7 +40,7 @@ const WARM_UP_REPOSITORY = 'bench/rollout-warm-up';
 const WARM_UP_TAG = 'w1';
 const progress = progressTo(NAME);
 
-type Kind = 'skopeo' | 'containerd';
+type Kind = ClientKind;
 type Via = 'direct' | 'proxy';
 
 interface Options {
@@ -231,7 +229,7 @@ async function runScenario(bench: Bench, kind: Kind, via: Via, repetition: numbe
 }
 
 /** N clients of `kind` pull repository:tag at once (through `proxy` when given); every one must get `image`. */
-async function pull(
+function pull(
   bench: Bench,
   kind: Kind,
   proxy: ProxyProcess | undefined,
@@ -242,69 +240,12 @@ async function pull(
   dir: string,
   atStart: () => void = () => {},
 ): Promise<{ wallSeconds: number; clientSeconds: number[] }> {
-  const { registry, ca } = bench.upstream;
-  if (kind === 'skopeo') {
-    const route = proxy
-      ? { image: `${registry.hostPort}/${repository}:${tag}`, proxy: { url: proxy.url, caFile: proxy.caFile } }
-      : // Go resolves no test name and never proxies loopback: direct clients use the registry's IP (in its certificate).
-        { image: `${registry.address}/${repository}:${tag}`, registryCaPem: ca.certPem };
-    const run = await runSkopeoClients(count, route, makeDir(dir), atStart);
-    for (const [i, client] of run.clients.entries()) {
-      if (client.code !== 0) throw new Error(`skopeo client ${i} (${proxy ? 'through the proxy' : 'direct'}) failed, exit ${client.code}:\n${client.stderr.slice(-2000)}`);
-      const copy = await verifyDirCopy(client.destDir);
-      if (copy.manifestDigest !== image.manifestDigest) throw new Error(`skopeo client ${i} got manifest ${copy.manifestDigest}, expected ${image.manifestDigest}`);
-    }
-    return { wallSeconds: run.wallSeconds, clientSeconds: run.clients.map((c) => c.seconds) };
-  }
-  const route = proxy
-    ? throughProxy({ host: REGISTRY_HOST, port: registry.port }, { port: proxy.port, caPem: readFileSync(proxy.caFile, 'utf8') })
-    : directTls({ host: REGISTRY_HOST, port: registry.port, caPem: ca.certPem });
-  atStart();
-  const started = performance.now();
-  const results = await Promise.all(Array.from({ length: count }, () => pullLikeContainerd(route, repository, tag)));
-  const wallSeconds = (performance.now() - started) / 1000;
-  for (const [i, r] of results.entries()) {
-    if (r.manifestDigest !== image.manifestDigest) throw new Error(`containerd client ${i} got manifest ${r.manifestDigest}, expected ${image.manifestDigest}`);
-  }
-  return { wallSeconds, clientSeconds: results.map((r) => r.seconds) };
+  return pullAtOnce({ kind, upstream: bench.upstream, repository, tag, image, count, dir, atStart, ...(proxy ? { proxyFor: () => proxy } : {}) });
 }
 
-/**
- * The proxy's access log since `mark`: answers by request type and X-Cache, and how far apart the
- * clients' first manifest requests reached it (arrival = the line's time − its duration; ms resolution).
- */
-function readProxyLog(file: string, mark: number): { answers: Record<string, Record<string, number>>; manifestArrivalSpreadMs: number } {
-  const text = readFileSync(file).subarray(mark).toString('utf8');
-  const answers: Record<string, Record<string, number>> = {};
-  const manifestArrivals: number[] = [];
-  for (const line of text.split('\n')) {
-    if (!line.startsWith('{')) continue;
-    let entry: { time?: string; ms?: number; type?: string; cache?: string; method?: string; status?: number; path?: string };
-    try {
-      entry = JSON.parse(line) as typeof entry;
-    } catch {
-      continue;
-    }
-    const type = `${entry.method ?? '?'} ${entry.type ?? 'other'}`;
-    const cache = entry.cache ?? String(entry.status ?? '-');
-    answers[type] ??= {};
-    answers[type][cache] = (answers[type][cache] ?? 0) + 1;
-    // The request that names the tag (skopeo's GET, containerd's HEAD): one per client.
-    if (entry.type === 'manifest' && entry.path?.endsWith(`/manifests/${TAG}`) && entry.time) manifestArrivals.push(Date.parse(entry.time) - (entry.ms ?? 0));
-  }
-  const spread = manifestArrivals.length > 0 ? Math.max(...manifestArrivals) - Math.min(...manifestArrivals) : Number.NaN;
-  return { answers, manifestArrivalSpreadMs: spread };
-}
-
-function proxyLogFigures(file: string, mark: number): { proxyAnswers: Record<string, Record<string, number>>; tagArrivalSpreadMs: number } {
-  const { answers, manifestArrivalSpreadMs } = readProxyLog(file, mark);
-  return { proxyAnswers: answers, tagArrivalSpreadMs: manifestArrivalSpreadMs };
-}
-
-function describeAnswers(answers: Record<string, Record<string, number>>): string {
-  return Object.entries(answers)
-    .map(([type, caches]) => `${type} ${Object.entries(caches).map(([cache, n]) => `${cache}×${n}`).join(' ')}`)
-    .join(', ');
+function proxyLogFigures(file: string, mark: number): { proxyAnswers: ProxyAnswers; tagArrivalSpreadMs: number } {
+  const { answers, tagArrivalsMs } = readProxyAnswers(file, mark, TAG);
+  return { proxyAnswers: answers, tagArrivalSpreadMs: spreadMs(tagArrivalsMs) };
 }
 
 /** GETs of each blob, config first: "1/1/1/1/1/1". */

@@ -15,6 +15,11 @@
 // one count in blob-cold, blob-rss and manifest-rollout, and is ignored by manifest-hit). A benchmark
 // is any perf/<name>.ts other than this file: a new file is registered by being there.
 //
+// cluster: clusters of 1, 2 and 3 replicas — a hit relayed by a replica that is not the blob's owner
+// against a local one (CPU per GiB of every replica, throughput), a cold blob through a non-owner against
+// through its owner (time to first byte), and what a 30-client rollout spread over the replicas sends
+// upstream; there --clients is a list, as in blob-hit.
+//
 // event-loop: the proxy's event-loop delay (measured in its own process) while a made-up cache of
 // 100,000 blobs and 20,000 tags evicts, /healthz is polled every 100 ms and curl clients pull; there
 // --clients is one count and --size the size of every blob, made up or pulled.

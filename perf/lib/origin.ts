@@ -49,17 +49,28 @@ export async function startOrigin(options: OriginOptions): Promise<Origin> {
   return { dir, caFile, nginx, blobs };
 }
 
+/** One upstream's lines of a policy: its entry under `registries:` and its names under `hosts:`, indented. */
+export interface PolicyEntries {
+  registries: string[];
+  hosts: string[];
+}
+
+/** The origin's policy lines: intercept it, trust its test CA, resolve its name to loopback. */
+export function originPolicyEntries(origin: Origin): PolicyEntries {
+  return {
+    registries: [`  ${JSON.stringify(`${ORIGIN_HOST}:${origin.nginx.port}`)}:`, `    tls: { ca: ${JSON.stringify(origin.caFile)} }`],
+    hosts: [`  ${ORIGIN_HOST}: 127.0.0.1`],
+  };
+}
+
+/** A policy of several upstreams' entries; `extra` lines are appended after `hosts:` (more hosts, or other keys). */
+export function composePolicy(entries: readonly PolicyEntries[], extra: readonly string[] = []): string {
+  return ['registries:', ...entries.flatMap((e) => e.registries), 'hosts:', ...entries.flatMap((e) => e.hosts), ...extra, ''].join('\n');
+}
+
 /** Intercept the origin, trust its test CA, resolve its name to loopback; `extra` lines are appended. */
 export function registryPolicy(origin: Origin, extra: readonly string[] = []): string {
-  return [
-    'registries:',
-    `  ${JSON.stringify(`${ORIGIN_HOST}:${origin.nginx.port}`)}:`,
-    `    tls: { ca: ${JSON.stringify(origin.caFile)} }`,
-    'hosts:',
-    `  ${ORIGIN_HOST}: 127.0.0.1`,
-    ...extra,
-    '',
-  ].join('\n');
+  return composePolicy([originPolicyEntries(origin)], extra);
 }
 
 /** curl straight to nginx for this blob. */

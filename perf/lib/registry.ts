@@ -8,6 +8,7 @@ import { buildOciImage, type BuiltImage, type LayerSpec } from '../../test/helpe
 import { createTestCa, writePem, type TestCa } from '../../test/helpers/pki.ts';
 import { startRegistry, type RegistryHandle, type ServedRequest } from '../../test/helpers/registry.ts';
 import { pushImage } from '../../test/helpers/skopeo.ts';
+import { composePolicy, type PolicyEntries } from './origin.ts';
 
 export const REGISTRY_HOST = 'registry.test';
 
@@ -55,17 +56,17 @@ export async function pushSmallImage(
   return image;
 }
 
+/** The registry's policy lines: intercept it, trust its test CA, resolve its name to loopback. */
+export function upstreamPolicyEntries(upstream: Upstream): PolicyEntries {
+  return {
+    registries: [`  ${JSON.stringify(upstream.registry.hostPort)}:`, `    tls: { ca: ${JSON.stringify(upstream.caFile)} }`],
+    hosts: [`  ${REGISTRY_HOST}: 127.0.0.1`],
+  };
+}
+
 /** The proxy's policy: intercept the registry, trust its test CA, resolve its name to loopback; `extra` appended. */
 export function upstreamPolicy(upstream: Upstream, extra: readonly string[] = []): string {
-  return [
-    'registries:',
-    `  ${JSON.stringify(upstream.registry.hostPort)}:`,
-    `    tls: { ca: ${JSON.stringify(upstream.caFile)} }`,
-    'hosts:',
-    `  ${REGISTRY_HOST}: 127.0.0.1`,
-    ...extra,
-    '',
-  ].join('\n');
+  return composePolicy([upstreamPolicyEntries(upstream)], extra);
 }
 
 /** What reached the registry, by the kind of request (from its access log). */

@@ -19,6 +19,8 @@ export interface ClientsRun {
   mibPerSecond: number;
   /** Each client's curl time_starttransfer, in ms, in the order the clients were started. */
   firstByteMs: number[];
+  /** Each client's curl time_total, in ms, in the same order. */
+  totalMs: number[];
   /** Median over the clients. */
   medianFirstByteMs: number;
   maxFirstByteMs: number;
@@ -39,6 +41,8 @@ export interface ClientsRun {
   restCpuSecondsPerGiB: number;
   nginx: ProcessFigures;
   proxy?: ProxyFigures;
+  /** With `replicas`: each replica's figures, in their order. */
+  replicas?: ProxyFigures[];
 }
 
 export interface ClientsRunOptions {
@@ -48,6 +52,8 @@ export interface ClientsRunOptions {
   clients: number;
   /** Measure this proxy too (the route goes through it). */
   proxy?: ProxyProcess;
+  /** Measure each of these proxies too, apart (a cluster's replicas: the route goes through one of them). */
+  replicas?: readonly ProxyProcess[];
   /** Every client's X-Cache must be one of these. */
   expectCache?: readonly string[];
   /** Release the clients at once through a start barrier (see runClients). */
@@ -60,6 +66,7 @@ export async function measureClients(options: ClientsRunOptions): Promise<Client
   const logMark = nginx.accessLog?.mark() ?? 0;
   const nginxBefore = readCountersOf(nginx.pids());
   const proxyBefore = proxy ? snapshotProxy(proxy.pid) : undefined;
+  const replicasBefore = options.replicas?.map((replica) => snapshotProxy(replica.pid));
   const machineBefore = readMachineBusySeconds();
 
   const result = await runClients(clients, options.route, {
@@ -77,13 +84,16 @@ export async function measureClients(options: ClientsRunOptions): Promise<Client
   // nginx writes a request's line when it has sent the response: by now every GET is in.
   const origins = nginx.accessLog ? originRequestsSince(origin, blob, logMark) : undefined;
   const proxySpent = proxy && proxyBefore ? proxyFigures(proxy.pid, proxyBefore, bytes, wall) : undefined;
-  const restSeconds = machineSeconds - nginxSpent.cpuSeconds - (proxySpent?.cpuSeconds ?? 0);
+  const replicasSpent = options.replicas?.map((replica, i) => proxyFigures(replica.pid, replicasBefore![i]!, bytes, wall));
+  const replicasSeconds = (replicasSpent ?? []).reduce((sum, figures) => sum + figures.cpuSeconds, 0);
+  const restSeconds = machineSeconds - nginxSpent.cpuSeconds - (proxySpent?.cpuSeconds ?? 0) - replicasSeconds;
   return {
     clients,
     wallSeconds: wall,
     bytes,
     mibPerSecond: bytes / MIB / wall,
     firstByteMs,
+    totalMs: result.clients.map((c) => c.totalSeconds * 1000),
     medianFirstByteMs: median(firstByteMs),
     maxFirstByteMs: Math.max(...firstByteMs),
     cache: result.clients.map((c) => c.cache),
@@ -94,6 +104,7 @@ export async function measureClients(options: ClientsRunOptions): Promise<Client
     restCpuSecondsPerGiB: restSeconds / (bytes / 1024 ** 3),
     nginx: processFigures(nginxSpent, bytes, wall),
     ...(proxySpent ? { proxy: proxySpent } : {}),
+    ...(replicasSpent ? { replicas: replicasSpent } : {}),
   };
 }
 

@@ -39,13 +39,14 @@ export interface SkopeoRun {
 /**
  * `count` skopeo copies of `route.image` into <dir>/client-<i>, released at once. `atRelease` runs just
  * before the release (after the clients were spawned and blocked): where the caller's counters start.
+ * `route` may be a function of the client's number (clients spread over a cluster's replicas).
  */
-export async function runSkopeoClients(count: number, route: SkopeoRoute, dir: string, atRelease: () => void = () => {}): Promise<SkopeoRun> {
+export async function runSkopeoClients(count: number, route: SkopeoRoute | ((client: number) => SkopeoRoute), dir: string, atRelease: () => void = () => {}): Promise<SkopeoRun> {
   const barrier = new StartBarrier();
   try {
     let released = 0;
     const running = Array.from({ length: count }, (_, i) => {
-      const { args, env, destDir } = prepareClient(route, join(dir, `client-${i}`));
+      const { args, env, destDir } = prepareClient(typeof route === 'function' ? route(i) : route, join(dir, `client-${i}`));
       const wrapped = barrier.wrap(SKOPEO_BIN, args);
       return new Promise<SkopeoClientResult>((resolve, reject) => {
         const child = spawnTracked(wrapped.command, wrapped.args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
