@@ -60,6 +60,10 @@ function startPool(log: Logger, threads: number): Piscina {
     idleTimeout: Infinity,
     // A fill waits on the network most of the time; one task per worker would serialise them.
     concurrentTasksPerWorker: 16,
+    // Between tasks a worker's event loop keeps running ('sync' blocks it in Atomics.wait): it sees
+    // upstream close an idle keep-alive connection, so the next fill does not go out on a dead one and
+    // pay a failed attempt and a backoff (83-89 ms after nginx's 60 s, against 21-24 ms).
+    atomics: 'async',
   });
   // Piscina replaces a worker that dies; the tasks it was running fail and their clients are cut.
   piscina.on('error', (err: Error) => log.error('a worker thread failed; it is replaced', { error: err.message }));
