@@ -40,6 +40,8 @@ export interface OwnerResult {
 const PEER_CONNECT_TIMEOUT_MS = 2_000;
 /** An owner may wait on upstream for a while (its own timeouts bound that). */
 const PEER_RESPONSE_TIMEOUT_MS = 300_000;
+/** Errors of a connection that was open and then closed under the request (not of a replica that is gone). */
+const STALE_CONNECTION = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE']);
 const CACHE_STATUSES = new Set<CacheStatus>(['HIT', 'MISS', 'STALE', 'REVALIDATED', 'JOINED', 'BYPASS']);
 
 export class OwnerRouter {
@@ -78,12 +80,19 @@ export class OwnerRouter {
         if (!address || this.membership.isDown(member)) continue;
         let response: Dispatcher.ResponseData;
         try {
-          response = await this.agent.request({
-            origin: `https://${address}`,
-            path: peerPath(request.registryKey, req.url ?? '/'),
-            method: req.method === 'HEAD' ? 'HEAD' : 'GET',
-            headers: this.headersFor(req, request),
-            signal: cancel.signal,
+          const ask = () =>
+            this.agent.request({
+              origin: `https://${address}`,
+              path: peerPath(request.registryKey, req.url ?? '/'),
+              method: req.method === 'HEAD' ? 'HEAD' : 'GET',
+              headers: this.headersFor(req, request),
+              signal: cancel.signal,
+            });
+          // A kept-alive connection the owner closed as it was reused: once more on a new one before the
+          // owner is taken for gone (its keys would go to the next replica, which fetches them again).
+          response = await ask().catch((err: NodeJS.ErrnoException) => {
+            if (cancel.signal.aborted || !STALE_CONNECTION.has(err.code ?? '')) throw err;
+            return ask();
           });
         } catch (err) {
           if (cancel.signal.aborted) return { status: 499, bytes: 0, peer: address, error: 'the client went away' };

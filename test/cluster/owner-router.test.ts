@@ -21,7 +21,7 @@ import { CLUSTER_SECRET } from '../helpers/cluster.ts';
 const SELF = '0'.repeat(32);
 const quiet = { access() {}, info() {}, warn() {}, error() {} };
 
-type Behaviour = 'serve' | 'refuse-secret' | 'cut' | 'closed';
+type Behaviour = 'serve' | 'refuse-secret' | 'cut' | 'closed' | 'drop-once';
 
 describe('the owner router', () => {
   let dir: string;
@@ -45,6 +45,12 @@ describe('the owner router', () => {
         if (req.headers[PEER_HEADERS.secret] !== CLUSTER_SECRET || peer.behaviour === 'refuse-secret') {
           res.writeHead(403, { [PEER_REFUSED_HEADER]: '1' });
           return res.end('no');
+        }
+        if (peer.behaviour === 'drop-once') {
+          // As a kept-alive connection closed just as it is reused: no answer at all, then a good one.
+          peer.behaviour = 'serve';
+          req.socket.destroy();
+          return;
         }
         res.writeHead(200, { 'Content-Length': body.length, 'X-Cache': 'HIT' });
         if (peer.behaviour === 'cut') {
@@ -118,6 +124,16 @@ describe('the owner router', () => {
     } finally {
       owner!.behaviour = 'serve';
     }
+  });
+
+  test('a connection to the owner that closes under the request is tried once more, and the owner kept', async () => {
+    const [owner] = ranked();
+    owner!.behaviour = 'drop-once';
+    const before = owner!.seen;
+    const got = await get();
+    assert.deepEqual([got.status, got.bytes, got.complete], [200, 256 * 1024, true]);
+    assert.equal(owner!.seen, before + 2, 'the owner answered the second try');
+    assert.equal(membership.isDown(rankFor(key, membership.members())[0]!), false, 'not taken for gone');
   });
 
   test('an owner that refuses the secret, then one that is gone: the next in order serves; the gone one is not asked again for a while', async () => {
