@@ -186,7 +186,20 @@ export class OwnerRouter {
 
   /** Asks the replica at a peer address for its id (membership ranks ids). */
   async askId(address: string): Promise<string> {
-    const response = await this.agent.request({ origin: `https://${address}`, path: PEER_ID_PATH, method: 'GET', headers: { [PEER_HEADERS.secret]: this.secret, [PEER_HEADERS.asker]: `${this.membership.self} ${this.membership.selfAddress}` }, headersTimeout: PEER_CONNECT_TIMEOUT_MS, bodyTimeout: PEER_CONNECT_TIMEOUT_MS });
+    const ask = () =>
+      this.agent.request({
+        origin: `https://${address}`,
+        path: PEER_ID_PATH,
+        method: 'GET',
+        headers: { [PEER_HEADERS.secret]: this.secret, [PEER_HEADERS.asker]: `${this.membership.self} ${this.membership.selfAddress}` },
+        headersTimeout: PEER_CONNECT_TIMEOUT_MS,
+        bodyTimeout: PEER_CONNECT_TIMEOUT_MS,
+      });
+    // As in serve(): a connection closed under the question is no sign the peer is gone.
+    const response = await ask().catch((err: NodeJS.ErrnoException) => {
+      if (!STALE_CONNECTION.has(err.code ?? '')) throw err;
+      return ask();
+    });
     const text = await response.body.text();
     if (response.statusCode !== 200) throw new Error(`answered ${response.statusCode}`);
     return String((JSON.parse(text) as { id?: unknown }).id);
