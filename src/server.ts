@@ -130,7 +130,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const purgeHere = (request: PurgeRequest) => purge(request, { store, fills, manifests: manifestStore, log });
   const inFlight = new InFlight();
   let draining = false;
-  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, closing: () => draining, ...(owners ? { owners } : {}) });
+  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, closing: () => draining, ...(owners ? { owners, holdsBlob: (digest) => store.lookup(digest) !== undefined } : {}) });
   // The peer port listens before the front, and only then are the peers asked for their ids: replicas
   // starting together find each other at once (asking for an id makes the one asked look again).
   let peerServer: https.Server | undefined;

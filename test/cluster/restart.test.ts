@@ -94,6 +94,17 @@ describe('cluster mode: a replica restarted at another address', () => {
     for (const replica of replicas) assert.equal(await pull(ref, replica), image.manifestDigest);
     assert.equal(rig.count((r) => r.host === 'cdn'), 0, rig.describeRequests((r) => r.host !== 'auth'));
     // Replica 1 holds its blobs again, copied from the replicas that stood in.
-    for (const digest of ownedBy1) assert.ok(existsSync(join(replicas[1]!.dataDir, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7))), `${digest} is back on its owner`);
+    const held = (replica: TestProxy, digest: string) => existsSync(join(replica.dataDir, 'blobs', 'sha256', digest.slice(7, 9), digest.slice(7)));
+    for (const digest of ownedBy1) assert.ok(held(replicas[1]!, digest), `${digest} is back on its owner`);
+    // A replica that stood in serves its copies itself rather than relaying them from the owner.
+    let servedHere = 0;
+    for (const replica of [replicas[0]!, replicas[2]!]) {
+      for (const digest of ownedBy1.filter((d) => held(replica, d))) {
+        const last = replica.access.filter((e) => e.type === 'blob' && e.path.endsWith(digest) && !e.forPeer).at(-1);
+        assert.equal(last?.peer, undefined, `${digest} was relayed although the replica holds it`);
+        servedHere++;
+      }
+    }
+    assert.ok(servedHere > 0, 'some blob was held by a replica that stood in');
   });
 });

@@ -424,7 +424,9 @@ describe('cluster mode end to end: three replica processes, real clients, one ca
     await restart(owner);
     assert.deepEqual(partFiles(owner.dataDir), [], 'the killed fill\'s .part removed at start');
     rig.resetCounts();
-    const back = await streamThrough(others[0]!, path, { token: await anonymousToken(others[0]!, repository) });
+    // Through the replica that did not stand in (the one that did serves its own copy).
+    const asking = others.find((r) => r !== next)!;
+    const back = await streamThrough(asking, path, { token: await anonymousToken(asking, repository) });
     assert.deepEqual([back.status, back.complete, back.digest], [200, true, digest], 'GET once the owner is back');
     assert.equal(rig.count({ host: 'cdn' }), 0, `the owner copied the blob from a peer: ${upstreamSummary()}`);
     await waitFor(`the blob verified on the owner again`, () => hasBlobFile(owner.dataDir, digest), 30_000);
