@@ -24,8 +24,8 @@ export interface LiveState {
   leafExpiries(): Iterable<{ host: string; notAfter: Date }>;
   /** The warm-up of the policy's list (undefined before the proxy listens). */
   warm?(): WarmStatus | undefined;
-  /** Cluster mode: the members this replica knows, itself included, and those it passes over now. */
-  cluster?(): { members: number; unreachable: number };
+  /** Cluster mode: the members this replica knows, itself included, those it passes over now, and failovers so far. */
+  cluster?(): { members: number; unreachable: number; failovers: number };
 }
 
 export interface Metrics {
@@ -148,6 +148,15 @@ export function createMetrics(live: LiveState): Metrics {
   // by the replica it reached; the owner counts what it served for that replica here only.
   const peerRequests = new Counter({ name: 'pullthrough_cluster_peer_requests_total', help: 'Cluster mode: blob and manifest requests between replicas, by role (relayed: this replica\'s client was served by the owner; served: this replica, the owner, served another\'s client), request type and cache status at the owner', labelNames: ['role', 'type', 'cache'], registers });
   const peerBytes = new Counter({ name: 'pullthrough_cluster_peer_bytes_total', help: 'Cluster mode: body bytes between replicas, by role (relayed: received from owners; served: sent to other replicas)', labelNames: ['role'], registers });
+  new Counter({
+    name: 'pullthrough_cluster_failovers_total',
+    help: 'Cluster mode: requests that went past the replica that should have served them (it could not be reached, or refused this replica) to the next in rendezvous order',
+    registers,
+    collect() {
+      this.reset();
+      this.inc(live.cluster?.().failovers ?? 0);
+    },
+  });
   new Gauge({
     name: 'pullthrough_cluster_members',
     help: 'Cluster mode: the replicas this one knows (itself included), and those it passes over for now (unreachable); no samples outside cluster mode',

@@ -153,7 +153,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     caNotAfter: () => ca.notAfter,
     leafExpiries: () => ca.leafExpiries(),
     warm: () => warmSchedule?.status(),
-    ...(membership ? { cluster: () => ({ members: membership.members().length, unreachable: membership.members().filter((m) => membership.isDown(m)).length }) } : {}),
+    ...(membership ? { cluster: () => ({ members: membership.members().length, unreachable: membership.members().filter((m) => membership.isDown(m)).length, failovers: owners?.failovers ?? 0 }) } : {}),
   });
   const workersHealthy = () => pool.health().then(() => 'ok', (err: Error) => err.message);
   const admin = createAdminHandler({

@@ -50,6 +50,8 @@ export class OwnerRouter {
   private readonly secret: string;
   private readonly log: Logger;
   private readonly refusedBy = new Set<string>();
+  /** Requests that went past a member which should have served them: it could not be reached, or refused. */
+  failovers = 0;
 
   constructor(membership: Membership, caPem: string, secret: string, log: Logger) {
     this.membership = membership;
@@ -98,6 +100,7 @@ export class OwnerRouter {
           if (cancel.signal.aborted) return { status: 499, bytes: 0, peer: address, error: 'the client went away' };
           this.log.warn('a cluster peer failed before it answered; asking the next', { peer: address, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
           this.membership.markDown(member);
+          this.failovers++;
           continue;
         }
         if (response.headers[PEER_REFUSED_HEADER] !== undefined) {
@@ -106,6 +109,7 @@ export class OwnerRouter {
           if (!this.refusedBy.has(member)) this.log.error('a cluster peer refused this replica\'s request (is cluster.secret the same on every replica, and the policy?)', { peer: address, status: response.statusCode, reason: reason.slice(0, 200) });
           this.refusedBy.add(member);
           this.membership.markDown(member);
+          this.failovers++;
           continue;
         }
         this.refusedBy.delete(member);

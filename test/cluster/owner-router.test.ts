@@ -142,10 +142,12 @@ describe('the owner router', () => {
     await new Promise<void>((resolve) => second!.server.close(() => resolve()));
     second!.server.closeAllConnections();
     const thirdBefore = third!.seen;
+    const failoversBefore = router.failovers;
     const got = await get();
     assert.equal(got.status, 200);
     assert.equal(got.bytes, 256 * 1024);
     assert.equal(third!.seen, thirdBefore + 1);
+    assert.equal(router.failovers, failoversBefore + 2, 'two members passed over');
     // Both passed over now: straight to the third.
     const firstSeen = first!.seen;
     await get();
