@@ -8,7 +8,6 @@ import assert from 'node:assert/strict';
 import { createHash, type Hash } from 'node:crypto';
 import { createReadStream, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { after, before, describe, test } from 'node:test';
@@ -21,15 +20,12 @@ import { httpOverSocket, tlsThroughProxy } from '../helpers/connect.ts';
 import { ctrUnavailable, startContainerd, type ContainerdHandle } from '../helpers/ctr.ts';
 import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
 import { blobPath, buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
-import { podmanPullThroughProxy, podmanUnavailable } from '../helpers/podman.ts';
+import { podmanUnavailable } from '../helpers/podman.ts';
 import { makeTempDir, removeTempDir, stopChild } from '../helpers/process.ts';
-import { skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
+import { freePort } from '../helpers/ports.ts';
+import { CLIENT_KINDS, pullAs, type ClientKind, type Pulled } from '../helpers/pull-as.ts';
 
-type ClientKind = 'skopeo' | 'podman' | 'ctr';
-
-const podmanSkip = podmanUnavailable();
-const ctrSkip = ctrUnavailable();
-const KINDS: ClientKind[] = (['skopeo', 'podman', 'ctr'] as const).filter((kind) => (kind === 'podman' ? !podmanSkip : kind === 'ctr' ? !ctrSkip : true));
+const KINDS = CLIENT_KINDS;
 const REPLICAS = 3;
 const PRIVATE_USER = { username: 'hubber', password: 'hub-secret-pw' };
 const CLIENT_TIMEOUT_MS = 120_000;
@@ -37,11 +33,6 @@ const MiB = 1024 * 1024;
 /** The layer killed mid-fill: large enough that its fill is still running when the owner dies. */
 const BIG_LAYER_BYTES = 512 * MiB;
 
-interface Pulled {
-  ok: boolean;
-  digest?: string;
-  detail: string;
-}
 
 /** One replica: its policy file and data directory outlive its process (a restart reuses both). */
 interface Replica {
@@ -170,33 +161,8 @@ describe('cluster mode end to end: three replica processes, real clients, one ca
 
   // ---- clients -----------------------------------------------------------------------------
 
-  async function pull(kind: ClientKind, ref: string, through: Replica, credentials?: { username: string; password: string }, containerd?: ContainerdHandle): Promise<Pulled> {
-    const common = { image: ref, proxyUrl: through.url, caFile, timeoutMs: CLIENT_TIMEOUT_MS, ...(credentials ? { credentials } : {}) };
-    if (kind === 'skopeo') {
-      const destDir = makeTempDir('cluster-skopeo');
-      try {
-        const result = await skopeoCopyThroughProxy({ ...common, destDir });
-        if (result.code !== 0) return { ok: false, detail: result.stderr };
-        // Every blob file hashed against its name, every blob of the manifest present.
-        return { ok: true, digest: (await verifyDirCopy(destDir)).manifestDigest, detail: '' };
-      } finally {
-        removeTempDir(destDir);
-      }
-    }
-    if (kind === 'podman') {
-      const result = await podmanPullThroughProxy(common);
-      return result.code === 0 && result.image ? { ok: true, digest: result.image.digest, detail: '' } : { ok: false, detail: result.stderr };
-    }
-    const daemon = containerd ?? (await startContainerd());
-    try {
-      // containerd verifies every blob it fetches against its digest before it commits it.
-      const result = await daemon.pull(common);
-      if (result.code !== 0) return { ok: false, detail: `${result.stderr}\n${result.stdout.slice(-2000)}` };
-      const stored = (await daemon.images()).find((i) => i.ref === ref);
-      return { ok: true, ...(stored ? { digest: stored.digest } : {}), detail: '' };
-    } finally {
-      if (!containerd) await daemon.stop();
-    }
+  function pull(kind: ClientKind, ref: string, through: Replica, credentials?: { username: string; password: string }, containerd?: ContainerdHandle): Promise<Pulled> {
+    return pullAs(kind, ref, { proxyUrl: through.url, caFile, timeoutMs: CLIENT_TIMEOUT_MS, ...(credentials ? { credentials } : {}), ...(containerd ? { containerd } : {}) });
   }
 
   /** An anonymous pull token from the realm, asked through the replica (which intercepts the realm). */
@@ -273,7 +239,7 @@ describe('cluster mode end to end: three replica processes, real clients, one ca
   // ---- the tests ---------------------------------------------------------------------------
 
   test('12 concurrent cold clients (skopeo, podman, ctr) over 3 replicas: 1 upstream manifest GET, 1 CDN download per blob, every digest verified', { timeout: 180_000 }, async (t) => {
-    if (podmanSkip || ctrSkip) t.diagnostic(`clients: ${KINDS.join(', ')} (podman: ${podmanSkip ?? 'runs'}; ctr: ${ctrSkip ?? 'runs'})`);
+    if (KINDS.length < 3) t.diagnostic(`clients: ${KINDS.join(', ')} (podman: ${podmanUnavailable() ?? 'runs'}; ctr: ${ctrUnavailable() ?? 'runs'})`);
     const repository = 'library/cold-e2e';
     const { image, ref } = await pushed(repository, [256 * 1024, 512 * 1024, 1024 * 1024]);
     // Client i: kind i mod 3 and replica (i + ⌊i/3⌋) mod 3: every kind on every replica, 4 clients each.
@@ -536,14 +502,3 @@ describe('cluster mode end to end: three replica processes, real clients, one ca
   });
 });
 
-/** A free port on 127.0.0.1 (for a proxy port that stays the same across restarts). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}

@@ -15,7 +15,6 @@ import type { ChildProcess } from 'node:child_process';
 import { spawnSync } from 'node:child_process';
 import { appendFileSync, chownSync, chmodSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { lookup } from 'node:dns/promises';
-import { createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -24,6 +23,7 @@ import { createTestCa } from '../helpers/pki.ts';
 import { makeTempDir, removeTempDir, run, spawnTracked, stopChild } from '../helpers/process.ts';
 import { startRegistry, type RegistryHandle } from '../helpers/registry.ts';
 import { pushImage, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
+import { freePort } from '../helpers/ports.ts';
 
 const ROOT = path.join(import.meta.dirname, '../..');
 // An unprivileged user that owns nothing else (the image's is 1000, "node"). Only root can switch to it;
@@ -97,15 +97,6 @@ function snapshot(dir: string): string[] {
     });
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer().once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 /** A directory the proxy's user owns, as a volume mounted for it would be. */
 function ownedDir(dir: string): string {

@@ -10,30 +10,19 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { httpOverSocket, tlsThroughProxy } from '../helpers/connect.ts';
-import { ctrUnavailable, startContainerd, type ContainerdHandle } from '../helpers/ctr.ts';
+import { startContainerd, type ContainerdHandle } from '../helpers/ctr.ts';
 import { startHubRig, type HubRig } from '../helpers/hub-rig.ts';
 import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
-import { podmanPullThroughProxy, podmanUnavailable } from '../helpers/podman.ts';
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
-import { skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
+import { CLIENT_KINDS, pullAs, type ClientKind, type Pulled } from '../helpers/pull-as.ts';
 
-type ClientKind = 'skopeo' | 'podman' | 'ctr';
-
-const podmanSkip = podmanUnavailable();
-const ctrSkip = ctrUnavailable();
-const KINDS: ClientKind[] = (['skopeo', 'podman', 'ctr'] as const).filter((kind) => (kind === 'podman' ? !podmanSkip : kind === 'ctr' ? !ctrSkip : true));
+const KINDS = CLIENT_KINDS;
 const PRIVATE_USER = { username: 'hubber', password: 'hub-secret-pw' };
 /** Tags named short-* are fresh this long; every other tag for an hour. */
 const SHORT_TTL_MS = 1000;
 const CLIENT_TIMEOUT_MS = 180_000;
 
-interface Pulled {
-  ok: boolean;
-  /** The manifest digest the client stored. */
-  digest?: string;
-  detail: string;
-}
 
 describe('the flows real clusters use, through the proxy, against a Docker-Hub-shaped upstream', () => {
   let rig: HubRig;
@@ -62,35 +51,13 @@ describe('the flows real clusters use, through the proxy, against a Docker-Hub-s
   }
 
   /** One pull by one client kind into a store of its own (ctr: a containerd of its own). */
-  async function pull(kind: ClientKind, ref: string, through: TestProxy = proxy, credentials?: { username: string; password: string }, caFile = through.caFile): Promise<Pulled> {
-    const common = { image: ref, proxyUrl: through.url, caFile, timeoutMs: CLIENT_TIMEOUT_MS, ...(credentials ? { credentials } : {}) };
-    if (kind === 'skopeo') {
-      const destDir = makeTempDir('field-skopeo');
-      try {
-        const result = await skopeoCopyThroughProxy({ ...common, destDir });
-        if (result.code !== 0) return { ok: false, detail: result.stderr };
-        return { ok: true, digest: (await verifyDirCopy(destDir)).manifestDigest, detail: '' };
-      } finally {
-        removeTempDir(destDir);
-      }
-    }
-    if (kind === 'podman') {
-      const result = await podmanPullThroughProxy(common);
-      return result.code === 0 && result.image ? { ok: true, digest: result.image.digest, detail: '' } : { ok: false, detail: result.stderr };
-    }
-    const containerd = await startContainerd();
-    try {
-      return await ctrPull(containerd, ref, through, credentials, caFile);
-    } finally {
-      await containerd.stop();
-    }
+  function pull(kind: ClientKind, ref: string, through: TestProxy = proxy, credentials?: { username: string; password: string }, caFile = through.caFile): Promise<Pulled> {
+    return pullAs(kind, ref, { proxyUrl: through.url, caFile, timeoutMs: CLIENT_TIMEOUT_MS, ...(credentials ? { credentials } : {}) });
   }
 
-  async function ctrPull(containerd: ContainerdHandle, ref: string, through: TestProxy, credentials?: { username: string; password: string }, caFile = through.caFile): Promise<Pulled> {
-    const result = await containerd.pull({ image: ref, proxyUrl: through.url, caFile, timeoutMs: CLIENT_TIMEOUT_MS, ...(credentials ? { credentials } : {}) });
-    if (result.code !== 0) return { ok: false, detail: `${result.stderr}\n${result.stdout.slice(-2000)}` };
-    const stored = (await containerd.images()).find((i) => i.ref === ref);
-    return { ok: true, ...(stored ? { digest: stored.digest } : {}), detail: '' };
+  /** The same with ctr, through a containerd that keeps running. */
+  function ctrPull(containerd: ContainerdHandle, ref: string, through: TestProxy): Promise<Pulled> {
+    return pullAs('ctr', ref, { proxyUrl: through.url, caFile: through.caFile, timeoutMs: CLIENT_TIMEOUT_MS, containerd });
   }
 
   /** Manifest and blob requests the hub registry and its CDN answered, for messages. */

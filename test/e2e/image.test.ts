@@ -12,7 +12,6 @@
 // skipped with podman's own reason; PULLTHROUGH_IMAGE_TEST=require (.ci/run sets it) makes that a failure.
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import path from 'node:path';
 import { after, describe, test, type TestContext } from 'node:test';
 import { parse } from 'yaml';
@@ -23,6 +22,7 @@ import { machinePodman, podman, podmanMissing, probePodman, type PodmanEngine } 
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
 import { startRegistry, type RegistryHandle } from '../helpers/registry.ts';
 import { pushImage, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
+import { freePort } from '../helpers/ports.ts';
 
 const ROOT = path.join(import.meta.dirname, '../..');
 const REQUIRED = process.env.PULLTHROUGH_IMAGE_TEST === 'require';
@@ -55,15 +55,6 @@ function dockerfileHealthcheck(): string[] {
   return ['CMD', ...(JSON.parse(line.slice(line.indexOf('CMD ') + 4)) as string[])];
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer().once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 /** The base64 of a PEM certificate, to compare certificates whatever their line endings. */
 const certBody = (pem: string) => pem.replace(/-----[A-Z ]+-----|\s/g, '');

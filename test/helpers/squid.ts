@@ -6,10 +6,11 @@
 // closes — is what tests read: which hosts went through it, with which user.
 import type { ChildProcess } from 'node:child_process';
 import { chownSync, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { hasCommand, makeTempDir, removeTempDir, run, spawnTracked, stopChild } from './process.ts';
+import { freePort } from './ports.ts';
 
 const SQUID_BIN = '/usr/sbin/squid';
 const NCSA_AUTH = '/usr/lib/squid/basic_ncsa_auth';
@@ -198,16 +199,6 @@ function accepts(port: number): Promise<boolean> {
   });
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as { port: number };
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 async function idOf(user: string): Promise<{ uid: number; gid: number } | undefined> {
   const [uid, gid] = await Promise.all([run('id', ['-u', user]), run('id', ['-g', user])]);
