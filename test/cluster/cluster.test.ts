@@ -3,7 +3,9 @@
 // blob and each manifest is fetched upstream once per cluster, a warm pull through any replica sends
 // nothing upstream, peer ports refuse whoever lacks the secret, and private content stays private.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { request } from 'node:https';
 import { after, before, describe, test } from 'node:test';
@@ -13,7 +15,7 @@ import { buildOciImage, type BuiltImage } from '../helpers/oci-image.ts';
 import { makeTempDir, removeTempDir } from '../helpers/process.ts';
 import { startTestProxy, type TestProxy } from '../helpers/proxy.ts';
 import { scrape } from '../helpers/prometheus.ts';
-import { pushImageThroughProxy, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
+import { pushImageThroughProxy, skopeoCopyThroughMirror, skopeoCopyThroughProxy, verifyDirCopy } from '../helpers/skopeo.ts';
 
 const REPLICAS = 3;
 const PRIVATE_USER = { username: 'hubber', password: 'hub-secret-pw' };
@@ -34,7 +36,7 @@ describe('cluster mode: three replicas, one cache', () => {
       const tls = `tls: { ca: ${rig.caFile} }`;
       replicas.push(
         await startTestProxy(
-          `caDir: ${caDir}\n${cluster}registries:\n  ${rig.hubHostPort}:\n    ${tls}\n    push: bypass\n  ${rig.endpoints.auth.hostPort}:\n    ${tls}\nhosts:\n${rig.hostsYaml()}${hostsEntry}`,
+          `caDir: ${caDir}\nmirror:\n  listen: 127.0.0.1:0\n${cluster}registries:\n  ${rig.hubHostPort}:\n    ${tls}\n    push: bypass\n  ${rig.endpoints.auth.hostPort}:\n    ${tls}\nhosts:\n${rig.hostsYaml()}${hostsEntry}`,
         ),
       );
     }
@@ -124,6 +126,30 @@ describe('cluster mode: three replicas, one cache', () => {
       assert.equal(rig.count(), 0, summary());
     } finally {
       await rig.up();
+    }
+  });
+
+  test('the registry-mirror front of every replica serves what the cluster holds, and sends nothing upstream', async () => {
+    const { image, ref } = await pushed('library/mirror-cluster');
+    assert.ok((await skopeoPull(ref, replicas[0]!)).ok);
+    for (const replica of replicas) {
+      // The client configuration the replica's own /setup/podman-mirror writes (registries.conf).
+      const root = makeTempDir('cluster-mirror-setup');
+      const destDir = makeTempDir('cluster-mirror-skopeo');
+      try {
+        const script = await (await fetch(`${replica.url}/setup/podman-mirror`)).text();
+        const ran = spawnSync('bash', [], { input: script, env: { ...process.env, ROOT: root }, encoding: 'utf8' });
+        assert.equal(ran.status, 0, ran.stderr);
+        const registriesConf = readFileSync(join(root, 'etc/containers/registries.conf.d/pullthrough-mirror.conf'), 'utf8');
+        rig.resetCounts();
+        const result = await skopeoCopyThroughMirror({ image: ref, registriesConf, destDir, timeoutMs: 120_000 });
+        assert.equal(result.code, 0, result.stderr);
+        assert.equal((await verifyDirCopy(destDir)).manifestDigest, image.manifestDigest);
+        assert.equal(rig.count((r) => r.host === 'cdn' || (r.host === 'registry' && (r.kind === 'manifest' || r.kind === 'blob'))), 0, summary());
+      } finally {
+        removeTempDir(root);
+        removeTempDir(destDir);
+      }
     }
   });
 
