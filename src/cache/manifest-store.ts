@@ -45,9 +45,12 @@ export class ManifestStore {
   private readonly awaitedPlatforms = new Map<string, Set<string>>();
 
   constructor(index: RootDatabase) {
-    this.bodies = index.openDB<StoredManifest, string>({ name: 'manifests', encoding: 'msgpack' });
+    // Cached (lmdb's weak-reference LRU, kept coherent with this process's writes: only the primary
+    // thread opens these): a tag resolved over and over is decoded once, not at every request. What a
+    // get returns is shared, so it is never modified in place (a change is a new object, put).
+    this.bodies = index.openDB<StoredManifest, string>({ name: 'manifests', encoding: 'msgpack', cache: true });
     // 'tags' held one entry per Accept set; these keys hold every variant of a tag.
-    this.tags = index.openDB<TagEntry[], string>({ name: 'tag-variants', encoding: 'msgpack' });
+    this.tags = index.openDB<TagEntry[], string>({ name: 'tag-variants', encoding: 'msgpack', cache: true });
     this.recountSoon();
   }
 
