@@ -1,10 +1,12 @@
 // Wires the parts together and starts listening: the LMDB index, the CA, the worker pool, the
 // upstream agents, the intercepted sessions and the front.
 import { chmodSync, existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import type http from 'node:http';
 import type https from 'node:https';
+import type net from 'node:net';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
-import type { Policy } from '../config/policy.ts';
+import type { Listen, Policy } from '../config/policy.ts';
 import type { MirrorPolicy } from '../config/mirror.ts';
 import { dashboardData } from './admin/dashboard.ts';
 import { createAdminHandler, type AdminDeps, type PurgeRequest } from './admin/index.ts';
@@ -130,7 +132,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const purgeHere = (request: PurgeRequest) => purge(request, { store, fills, manifests: manifestStore, log });
   const inFlight = new InFlight();
   let draining = false;
-  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, closing: () => draining, ...(owners ? { owners, holdsBlob: (digest) => store.lookup(digest) !== undefined } : {}) });
+  const registryHandler = createRegistryHandler({ policy, upstreams, blobs, manifests, manifestStore, referrers, auth, log, inFlight, closing: () => draining, ...(owners ? { owners, holdsBlob: (digest) => store.holds(digest) } : {}) });
   // The peer port listens before the front, and only then are the peers asked for their ids: replicas
   // starting together find each other at once (asking for an id makes the one asked look again).
   let peerServer: https.Server | undefined;
@@ -168,7 +170,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     },
     ...(policy.mirror ? { mirror: mirrorSetupFor(policy, policy.mirror, () => (mirror?.server.address() as AddressInfo | null)?.port) } : {}),
     admin: policy.admin,
-    notReady: () => (draining ? 'stopping: finishing the requests in flight' : membership?.notReady()),
+    ...(membership ? { notReady: () => membership.notReady() } : {}),
   });
   // Declared before the front: its CONNECT guard asks for the mirror's address (no tunnel into it either).
   let mirror: MirrorFront | undefined;
@@ -176,33 +178,19 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     [mirror?.server.address(), peerServer?.address()].flatMap((at) => (at && typeof at === 'object' ? [{ address: at.address, port: at.port }] : []));
   const front = createFront({ policy, log, lookup, sessions, registryHandler, admin, otherListeners });
 
-  await new Promise<void>((resolve, reject) => {
-    front.server.once('error', reject);
-    front.server.listen(policy.listen.port, listenHost, () => {
-      front.server.off('error', reject);
-      resolve();
-    });
-  }).catch(async (err: unknown) => {
+  // A port that cannot be bound stops the start; what listens already is closed again.
+  const startFailed = async (err: unknown, listening: Array<Promise<void>> = []): Promise<never> => {
     membership?.close();
-    if (peerServer) await closeServer(peerServer);
+    await Promise.all([...listening, peerServer && closeServer(peerServer)]);
     throw err;
-  });
+  };
+  await listenOn(front.server, policy.listen).catch((err: unknown) => startFailed(err));
   const address = front.server.address() as AddressInfo;
   log.info('pullthrough is listening', { listen: `${address.address}:${address.port}`, registries: [...policy.registries.keys()], version: VERSION });
   if (policy.mirror) {
     const mirrorPolicy = policy.mirror;
     mirror = createMirror({ policy, mirror: mirrorPolicy, ca, registryHandler, auth, upstreams, log });
-    await new Promise<void>((resolve, reject) => {
-      mirror!.server.once('error', reject);
-      mirror!.server.listen(mirrorPolicy.listen.port, mirrorPolicy.listen.host, () => {
-        mirror!.server.off('error', reject);
-        resolve();
-      });
-    }).catch(async (err: unknown) => {
-      membership?.close();
-      await Promise.all([front.close(), peerServer && closeServer(peerServer)]);
-      throw err;
-    });
+    await listenOn(mirror.server, mirrorPolicy.listen).catch((err: unknown) => startFailed(err, [front.close()]));
     const at = mirror.server.address() as AddressInfo;
     log.info('the registry mirror is listening', { listen: `${at.address}:${at.port}`, tls: mirrorPolicy.tls ? (mirrorPolicy.tls.certFile ? 'own certificate' : mirrorPolicy.tls.names) : false, default: mirrorPolicy.defaultRegistry ?? null });
   }
@@ -265,7 +253,7 @@ function requireSharedCa(caDir: string): void {
   );
 }
 
-function listenOn(server: https.Server, listen: { host: string; port: number }): Promise<void> {
+function listenOn(server: net.Server, listen: Listen): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(listen.port, listen.host, () => {
@@ -275,7 +263,7 @@ function listenOn(server: https.Server, listen: { host: string; port: number }):
   });
 }
 
-function closeServer(server: https.Server): Promise<void> {
+function closeServer(server: http.Server): Promise<void> {
   return new Promise<void>((resolve) => {
     server.close(() => resolve());
     server.closeAllConnections();
