@@ -20,7 +20,7 @@ import { normaliseAccept, type ManifestStore, type StoredManifest, type TagEntry
 import type { CacheStatus, Logger } from '../log.ts';
 import { SingleFlight } from '../single-flight.ts';
 import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
-import { describeUpstreamError, responseHeadersForClient } from '../upstream/forward.ts';
+import { describeUpstreamError, responseHeadersForClient, type ForwardResult } from '../upstream/forward.ts';
 import type { RateLimits } from '../upstream/rate-limits.ts';
 import { requestFollowingRedirects } from '../upstream/redirects.ts';
 import { endSpan, startUpstreamSpan } from '../tracing.ts';
@@ -46,14 +46,8 @@ export interface ManifestRequest {
   user?: ProxyUser;
 }
 
-export interface ManifestResult {
-  status: number;
-  bytes: number;
-  cache: CacheStatus;
-  upstreamStatus?: number;
-  upstreamMs?: number;
-  error?: string;
-}
+/** What a manifest (or referrers) request came to: a forward's figures, and where the answer came from. */
+export type ManifestResult = ForwardResult & { cache: CacheStatus };
 
 export interface ManifestDeps {
   store: ManifestStore;

@@ -16,7 +16,7 @@ import { readAtMost } from '../upstream/body.ts';
 import { describeUpstreamError, responseHeadersForClient } from '../upstream/forward.ts';
 import { requestFollowingRedirects } from '../upstream/redirects.ts';
 import { sendRegistryError } from './errors.ts';
-import { STALE_ON_STATUS } from './manifests.ts';
+import { STALE_ON_STATUS, type ManifestResult } from './manifests.ts';
 import type { ReadAccess } from './read-access.ts';
 import type { Digest, RepositoryName } from './route.ts';
 import type { AuthDecision, UpstreamAuth, UpstreamTarget } from './upstream-auth.ts';
@@ -38,14 +38,7 @@ export interface ReferrersRequest {
   user?: ProxyUser;
 }
 
-export interface ReferrersResult {
-  status: number;
-  bytes: number;
-  cache: CacheStatus;
-  upstreamStatus?: number;
-  upstreamMs?: number;
-  error?: string;
-}
+export type ReferrersResult = ManifestResult;
 
 export interface ReferrersDeps {
   store: ReferrersStore;
