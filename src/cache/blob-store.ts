@@ -126,6 +126,11 @@ export class BlobStore {
     return path.join(this.tmp, `${hex}.${randomBytes(6).toString('hex')}.part`);
   }
 
+  /** Whether the blob is cached (and not being forgotten): lookup() without reading its entry. */
+  holds(digest: string): boolean {
+    return this.lru.has(digest);
+  }
+
   /** The blob's entry; undefined once it is being forgotten (evicted, purged), even before the index says so. */
   lookup(digest: string): BlobEntry | undefined {
     return this.lru.has(digest) ? this.db.get(digest) : undefined;
