@@ -73,6 +73,11 @@ export class Membership {
     return [...this.addresses.keys()];
   }
 
+  /** The other members, each with its peer address. */
+  peers(): Array<{ id: string; address: string }> {
+    return [...this.addresses].filter(([id]) => id !== this.self).map(([id, address]) => ({ id, address }));
+  }
+
   /** Where a member's peer port is. */
   addressOf(id: string): string | undefined {
     return this.addresses.get(id);

@@ -129,10 +129,9 @@ export class OwnerRouter {
    */
   async forgetTagEverywhere(registryKey: string, repository: string, tag: string): Promise<void> {
     const path = peerPath(registryKey, `/v2/${repository}/manifests/${tag}`);
+    const reachable = this.membership.peers().filter(({ id }) => !this.membership.isDown(id));
     await Promise.all(
-      this.membership.members().map(async (member) => {
-        const address = this.membership.addressOf(member);
-        if (member === this.membership.self || !address || this.membership.isDown(member)) return;
+      reachable.map(async ({ address }) => {
         try {
           const response = await this.agent.request({ origin: `https://${address}`, path, method: 'DELETE', headers: { [PEER_HEADERS.secret]: this.secret } });
           await response.body.dump();
@@ -152,9 +151,7 @@ export class OwnerRouter {
     const total: PurgeResult = { ...local, busy: [...local.busy] };
     const unreachable: string[] = [];
     await Promise.all(
-      this.membership.members().map(async (member) => {
-        const address = this.membership.addressOf(member);
-        if (member === this.membership.self || !address) return;
+      this.membership.peers().map(async ({ address }) => {
         try {
           const response = await this.agent.request({ origin: `https://${address}`, path: PEER_PURGE_PATH, method: 'POST', body: JSON.stringify(request), headers: { [PEER_HEADERS.secret]: this.secret, 'content-type': 'application/json' } });
           const text = await response.body.text();

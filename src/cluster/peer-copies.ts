@@ -33,17 +33,18 @@ export class PeerCopies {
   /** The members to ask for a copy, in order; undefined when there is none to ask. */
   sourcesFor(digest: string): PeerSource[] | undefined {
     if (this.distrusted.has(digest)) return undefined;
-    const sources: PeerSource[] = [];
-    for (const id of rankFor(blobKey(digest), this.membership.members())) {
-      const address = this.membership.addressOf(id);
-      if (id === this.membership.self || !address || this.membership.isDown(id)) continue;
-      sources.push({
-        upstream: { key: `cluster-peer ${address}`, origin: `https://${address}`, caPem: this.caPem, verify: true, timeouts: this.timeouts, hosts: [], ipv6: true, peerName: PEER_TLS_NAME },
-        path: `${PEER_BLOB_PREFIX}${digest}`,
-        headers: { [PEER_HEADERS.secret]: this.secret },
+    // Ranking the other members alone keeps their order: each member's weight is its own.
+    const addresses = new Map(this.membership.peers().filter(({ id }) => !this.membership.isDown(id)).map(({ id, address }) => [id, address]));
+    const sources = rankFor(blobKey(digest), [...addresses.keys()])
+      .slice(0, MAX_PEERS_ASKED)
+      .map((id): PeerSource => {
+        const address = addresses.get(id)!;
+        return {
+          upstream: { key: `cluster-peer ${address}`, origin: `https://${address}`, caPem: this.caPem, verify: true, timeouts: this.timeouts, hosts: [], ipv6: true, peerName: PEER_TLS_NAME },
+          path: `${PEER_BLOB_PREFIX}${digest}`,
+          headers: { [PEER_HEADERS.secret]: this.secret },
+        };
       });
-      if (sources.length === MAX_PEERS_ASKED) break;
-    }
     return sources.length > 0 ? sources : undefined;
   }
 
