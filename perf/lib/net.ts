@@ -3,20 +3,8 @@ import http from 'node:http';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-/**
- * A port that was free a moment ago on 127.0.0.1. Another process may take it before the server we
- * start binds it; the callers retry on a failed start.
- */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
+// The tests' (another process may take the port before the server binds it: callers retry on a failed start).
+export { freePort } from '../../test/helpers/ports.ts';
 
 /** True when `probe` succeeds within timeoutMs; probes every 50 ms until then, or until `gaveUp()` says stop. */
 export async function waitFor(probe: () => Promise<boolean>, timeoutMs: number, gaveUp: () => boolean = () => false): Promise<boolean> {
