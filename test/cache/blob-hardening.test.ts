@@ -11,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import { hasBlobFile, partFiles, waitFor } from '../helpers/cache-files.ts';
 import { MiB, startCacheRig, type CacheRig } from '../helpers/cache-rig.ts';
-import { sendError, serveBlob, writeFlushed, type FakeBlob } from '../helpers/fake-registry.ts';
+import { sendError, serveBlob, writeFlushed, type FakeBlob, type FakeRegistry } from '../helpers/fake-registry.ts';
 
 /** A promise and the function that settles it. */
 function gate(): { opened: Promise<void>; open: () => void } {
@@ -23,6 +23,29 @@ function gate(): { opened: Promise<void>; open: () => void } {
 /** The same length as the blob, other bytes: an origin that lies about a digest. */
 function lieAbout(blob: FakeBlob): FakeBlob {
   return { ...blob, bytes: randomBytes(blob.bytes.length) };
+}
+
+/**
+ * The first GET of `blob` answered with `bytes` (its own, or a lie of the same length): 2 MiB at once,
+ * the rest once `upstream.open()` is called. Later GETs of it get `later` at once, when given.
+ */
+function sendHalfThenHold(registry: FakeRegistry, blob: FakeBlob, bytes: Buffer, later?: FakeBlob): { upstream: ReturnType<typeof gate>; sentFirstPart: () => boolean } {
+  const upstream = gate();
+  let sent = false;
+  registry.behave = async (req, res, seen) => {
+    if (seen.blob !== blob || seen.method !== 'GET') return false;
+    if (later && seen.nth > 1) {
+      serveBlob(req, res, later);
+      return true;
+    }
+    res.writeHead(200, { 'Content-Length': blob.bytes.length });
+    await writeFlushed(res, bytes.subarray(0, 2 * MiB));
+    sent = true;
+    await upstream.opened;
+    res.end(bytes.subarray(2 * MiB));
+    return true;
+  };
+  return { upstream, sentFirstPart: () => sent };
 }
 
 describe('blob path hardening', () => {
@@ -94,20 +117,10 @@ describe('blob path hardening', () => {
     const { registry } = rig;
     const blob = registry.addBlob(4 * MiB);
     const lie = lieAbout(blob);
-    const upstream = gate();
-    let sentFirstPart = false;
-    registry.behave = async (_req, res, seen) => {
-      if (seen.blob !== blob || seen.method !== 'GET') return false;
-      res.writeHead(200, { 'Content-Length': blob.bytes.length });
-      await writeFlushed(res, lie.bytes.subarray(0, 2 * MiB));
-      sentFirstPart = true;
-      await upstream.opened;
-      res.end(lie.bytes.subarray(2 * MiB));
-      return true;
-    };
+    const { upstream, sentFirstPart } = sendHalfThenHold(registry, blob, lie.bytes);
     const first = rig.blob(blob.digest);
     try {
-      await waitFor('the first 2 MiB upstream', () => sentFirstPart);
+      await waitFor('the first 2 MiB upstream', sentFirstPart);
       let received = 0;
       const ranged = rig.blob(blob.digest, { headers: { Range: 'bytes=1000-1048575' }, onData: (bytes) => void (received = bytes) });
       await waitFor('the bytes of the range', () => received >= 1048576 - 1000 - 1);
@@ -132,20 +145,10 @@ describe('blob path hardening', () => {
   test('a bounded Range while the blob fills from an honest origin: its bytes come at once, its end once the blob verified', async () => {
     const { registry } = rig;
     const blob = registry.addBlob(4 * MiB);
-    const upstream = gate();
-    let sentFirstPart = false;
-    registry.behave = async (_req, res, seen) => {
-      if (seen.blob !== blob || seen.method !== 'GET') return false;
-      res.writeHead(200, { 'Content-Length': blob.bytes.length });
-      await writeFlushed(res, blob.bytes.subarray(0, 2 * MiB));
-      sentFirstPart = true;
-      await upstream.opened;
-      res.end(blob.bytes.subarray(2 * MiB));
-      return true;
-    };
+    const { upstream, sentFirstPart } = sendHalfThenHold(registry, blob, blob.bytes);
     const first = rig.blob(blob.digest);
     try {
-      await waitFor('the first 2 MiB upstream', () => sentFirstPart);
+      await waitFor('the first 2 MiB upstream', sentFirstPart);
       let received = 0;
       let ended = false;
       const ranged = rig.blob(blob.digest, { headers: { Range: 'bytes=1000-1048575' }, onData: (bytes) => void (received = bytes) }).finally(() => (ended = true));
@@ -172,24 +175,11 @@ describe('blob path hardening', () => {
     const { registry } = rig;
     const blob = registry.addBlob(4 * MiB);
     const lie = lieAbout(blob);
-    const upstream = gate();
-    let sentFirstPart = false;
-    registry.behave = async (req, res, seen) => {
-      if (seen.blob !== blob || seen.method !== 'GET') return false;
-      if (seen.nth > 1) {
-        serveBlob(req, res, lie); // any other request gets the lie at once
-        return true;
-      }
-      res.writeHead(200, { 'Content-Length': blob.bytes.length });
-      await writeFlushed(res, lie.bytes.subarray(0, 2 * MiB));
-      sentFirstPart = true;
-      await upstream.opened;
-      res.end(lie.bytes.subarray(2 * MiB));
-      return true;
-    };
+    // Any other request gets the lie at once.
+    const { upstream, sentFirstPart } = sendHalfThenHold(registry, blob, lie.bytes, lie);
     const first = rig.blob(blob.digest);
     try {
-      await waitFor('the first 2 MiB upstream', () => sentFirstPart);
+      await waitFor('the first 2 MiB upstream', sentFirstPart);
       // What a client meets between the fill's task removing its .part (the digest did not match) and
       // the outcome reaching the primary: no .part, no blob file, no outcome yet.
       const tmp = path.join(rig.dataDir, 'tmp');
