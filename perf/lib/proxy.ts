@@ -14,7 +14,7 @@ const CLI = join(REPO, 'dist', 'src', 'cli.js');
  * As package.json's start script: 1 MiB semi-spaces keep Buffer garbage short-lived, and two malloc
  * arenas stop every thread (fill worker, libuv pool) from keeping an arena of its own at its peak.
  */
-const START_NODE_ARGS = ['--max-semi-space-size=1'];
+const START_NODE_ARGS = ['--max-semi-space-size=1', '--heap-growing-percent=20'];
 const START_ENV = { MALLOC_ARENA_MAX: '2' };
 let built = false;
 

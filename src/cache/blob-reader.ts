@@ -11,17 +11,22 @@ const READ_SIZE = 256 * 1024;
 /** The smallest read buffer (one TLS record): what is left of a small blob, or a read when the budget is spent. */
 const MIN_READ = 16 * 1024;
 /**
- * Bytes read for all clients together and not yet taken by their sockets, above which a read takes
- * MIN_READ: with very many clients at once each reads less per turn, so the memory does not grow as
- * clients × READ_SIZE (reads in flight stay under IN_FLIGHT_BUDGET + clients × MIN_READ). A read is in
- * flight until the socket took its bytes: for a client that reads slowly, until the kernel has room.
- * With up to 128 clients at once each still reads READ_SIZE. Measured with 1,000 clients reading cached
- * 4 MiB blobs (perf/blob-rss.ts --mode many): peak RSS 990 → 390 MiB, at 3.0 CPU-s/GiB instead of 1.4
- * (more, smaller writes); with a budget of 4 MiB, 330 MiB at 4.8 CPU-s/GiB.
+ * What the reads of all clients together may hold at once. Each read is at most this budget's share
+ * of one client (a power of two, READ_SIZE … MIN_READ: up to 64 clients at once each reads READ_SIZE,
+ * 1,000 read MIN_READ), and smaller still when the reads in flight pass it. A read is in flight until
+ * the socket took its bytes: for a client that reads slowly, until the kernel has room.
+ *
+ * The share matters beyond the read itself: Node's TLS keeps, for every connection, an output buffer
+ * as large as the largest write it encrypted, as long as the connection lives. Measured with 1,000
+ * clients reading cached 4 MiB blobs (perf/blob-rss.ts --mode many): reads of 256 KiB for the first
+ * clients left 256 KiB per connection (~250 MiB); a share of 32 KiB peaked at ~400 MiB RSS, 16 KiB at
+ * ~290 MiB, for 4.0 and 5.5 CPU-s/GiB.
  */
-const IN_FLIGHT_BUDGET = 32 * 1024 * 1024;
-/** Idle buffers kept for the next reads, at most this many bytes; the rest is left to the GC. */
+const IN_FLIGHT_BUDGET = 16 * 1024 * 1024;
+/** Idle buffers kept for the next reads once the pool is quiet, at most this many bytes; the rest is left to the GC. */
 const MAX_IDLE = 8 * 1024 * 1024;
+/** The pool is quiet when no buffer came back for this long. */
+const TRIM_AFTER_MS = 2000;
 
 export type PumpResult =
   | { kind: 'complete'; bytes: number }
@@ -107,6 +112,7 @@ class Sender {
     this.res = res;
     this.gone = res.destroyed;
     res.once('close', this.onClose);
+    readBuffers.senders++;
   }
 
   /** Writes `bytes` of `buffer` (taken for `length`); resolves when the response can take more (or is gone). */
@@ -124,6 +130,7 @@ class Sender {
 
   /** The pump ended: writes still under way give their buffers back when called back, or at the close. */
   done(): void {
+    readBuffers.senders--;
     if (this.pending.length === 0) this.res.off('close', this.onClose);
   }
 
@@ -139,7 +146,12 @@ class Sender {
  * and the allocator and the GC made that the largest part of the memory and ~0.3 CPU-s per GiB served;
  * two 256 KiB buffers per client (and the encrypted copy of each write) made 1,000 clients cost ~1 GiB.
  * A read is sized to what is left to send (a 4 KiB config blob reads 4 KiB into a 16 KiB buffer), and
- * smaller when the reads in flight of all clients together pass IN_FLIGHT_BUDGET.
+ * to the client's share of IN_FLIGHT_BUDGET.
+ *
+ * While reads are in flight no buffer is let go: one dropped to the GC stays allocated until a
+ * collection, and a new one is made for the next read meanwhile (heaptrack, 1,000 clients: 139 MiB of
+ * buffers at the peak, for ~48 MiB in flight). What is idle beyond MAX_IDLE is let go once the pool
+ * has been quiet for TRIM_AFTER_MS.
  */
 class ReadBufferPool {
   /** Bytes read into buffers and not yet taken by their sockets (what IN_FLIGHT_BUDGET bounds). */
@@ -147,10 +159,14 @@ class ReadBufferPool {
   private idleBytes = 0;
   /** Idle buffers by size (each a power of two from MIN_READ to READ_SIZE). */
   private readonly idle = new Map<number, Buffer[]>();
+  private trimTimer: NodeJS.Timeout | undefined;
+  /** Clients being sent to now: each read is at most the budget's share of one of them. */
+  senders = 0;
 
   /** A buffer and how much to read into it, for a read of up to `wanted` bytes. */
   take(wanted: number): { buffer: Buffer; length: number } {
     let length = Math.min(wanted, READ_SIZE);
+    while (length > MIN_READ && length * this.senders > IN_FLIGHT_BUDGET) length >>>= 1;
     while (length > MIN_READ && this.inFlight + length > IN_FLIGHT_BUDGET) length = Math.max(MIN_READ, length >>> 1);
     this.inFlight += length;
     // The smallest idle buffer that holds it; a new one only when none does.
@@ -166,11 +182,28 @@ class ReadBufferPool {
 
   give(buffer: Buffer, length: number): void {
     this.inFlight -= length;
-    if (this.idleBytes + buffer.length > MAX_IDLE) return;
     let list = this.idle.get(buffer.length);
     if (!list) this.idle.set(buffer.length, (list = []));
     list.push(buffer);
     this.idleBytes += buffer.length;
+    if (this.idleBytes > MAX_IDLE) this.scheduleTrim();
+  }
+
+  private scheduleTrim(): void {
+    if (this.trimTimer) this.trimTimer.refresh();
+    else this.trimTimer = setTimeout(() => this.trim(), TRIM_AFTER_MS).unref();
+  }
+
+  /** Lets the GC have idle buffers beyond MAX_IDLE, the largest first. */
+  private trim(): void {
+    this.trimTimer = undefined;
+    for (let size = READ_SIZE; size >= MIN_READ && this.idleBytes > MAX_IDLE; size >>>= 1) {
+      const list = this.idle.get(size);
+      while (list?.length && this.idleBytes > MAX_IDLE) {
+        list.pop();
+        this.idleBytes -= size;
+      }
+    }
   }
 }
 
