@@ -272,6 +272,33 @@ describe('blob fills from misbehaving upstreams', () => {
     assert.equal(registry.count({ method: 'GET', digest: blob.digest }), 1, 'exactly one upstream GET');
   });
 
+  test('blobs that arrive in many small pieces, faster than the disk: each is filled from one GET, never resumed', async () => {
+    const { registry } = rig;
+    // Sizes around the fill's write batches (256 KiB) and its first write (64 KiB): the end of the blob
+    // arrives while a write is under way, where counting those bytes twice would end the fill early.
+    const blobs = [64 * 1024 + 1, 300 * 1024, MiB + 5, 3 * MiB + 7, 5 * MiB].map((size) => registry.addBlob(size));
+    registry.behave = async (_req, res, seen) => {
+      if (!seen.blob || seen.method !== 'GET') return false;
+      res.writeHead(200, { 'Content-Length': seen.blob.bytes.length });
+      for (let at = 0; at < seen.blob.bytes.length; at += 16 * 1024) res.write(seen.blob.bytes.subarray(at, at + 16 * 1024));
+      res.end();
+      return true;
+    };
+    for (const blob of blobs) {
+      const got = await rig.blob(blob.digest);
+      assert.equal(got.status, 200);
+      assert.equal(got.complete, true);
+      assert.equal(got.digest, blob.digest);
+      assert.equal(got.headers['x-cache'], 'MISS');
+    }
+    for (const blob of blobs) {
+      await rig.waitForHit(blob.digest);
+      assert.equal(digestOfBlobFile(rig.dataDir, blob.digest), blob.digest);
+      assert.equal(registry.count({ method: 'GET', digest: blob.digest }), 1, `one upstream GET for ${blob.bytes.length} bytes`);
+    }
+    assert.deepEqual(registry.seen.filter((s) => s.headers.range !== undefined).map((s) => `${s.path} ${s.headers.range}`), [], 'no fill was resumed');
+  });
+
   test('8 clients asking for a cold blob at the same moment cause one upstream GET (one MISS, 7 JOINED)', async () => {
     const { registry } = rig;
     for (let round = 0; round < 5; round++) {
