@@ -1,0 +1,166 @@
+// Cold blobs one at a time, by size: how long one client waits for each blob that neither cache holds,
+// through nginx configured as the seed and through pullthrough, side by side (issue 18). Where
+// multi-layer gives one wall time per image, this says which sizes the time is lost on: a fixed cost
+// per blob shows on the small ones, a slow fill path on the large ones.
+//
+//   node perf/cold-blob-sizes.ts [--sizes 64KiB,128KiB,256KiB,1MiB,4MiB,16MiB] [--repeat 4]
+//
+// The upstream is Docker-Hub-shaped (perf/lib/hub-origin.ts): the registry answers a blob with a 307 to
+// the CDN host over TLS. One image per route and repetition, each with one layer of every size (random
+// bytes, so no blob is in either cache). One client in this process, one keep-alive connection per
+// route (through the proxy: one CONNECT tunnel, then TLS to the proxy's leaf), asks for the image's
+// blobs one after the other, smallest first, with the registry's token; the time is from sending the
+// request to the last byte. Before the first repetition both routes fetch a warm-up image (connections
+// open, code compiled, leaves minted, fill workers started). Repetitions alternate which route goes first.
+// Every answer must be 200 with the blob's exact bytes.
+import { randomUUID } from 'node:crypto';
+import http from 'node:http';
+import https from 'node:https';
+import { join } from 'node:path';
+import { mkdirSync, readFileSync } from 'node:fs';
+import tls from 'node:tls';
+import { parseArgs } from 'node:util';
+import { formatSize, parseSize } from '../config/units.ts';
+import { buildOciImage, type BuiltImage } from '../test/helpers/oci-image.ts';
+import { createTestCa, writePem } from '../test/helpers/pki.ts';
+import { makeTempDir, runBenchmark } from './lib/cleanup.ts';
+import { HUB_TOKEN, startHubOrigin, type HubSite } from './lib/hub-origin.ts';
+import { describeEnvironment, environmentLine, progressTo } from './lib/measure.ts';
+import { startProxyProcess, type ProxyProcess } from './lib/proxy.ts';
+import { fixed, formatTable, median, roundNumbers } from './lib/report.ts';
+import { startSeedNginx } from './lib/seed-nginx.ts';
+import { describeSource, sourceLine } from './lib/source.ts';
+
+const NAME = 'cold-blob-sizes';
+const progress = progressTo(NAME);
+type Route = 'seed' | 'proxy';
+
+interface Options {
+  sizes: number[];
+  repeat: number;
+}
+
+function parseOptions(argv: string[]): Options {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      sizes: { type: 'string', default: '64KiB,128KiB,256KiB,1MiB,4MiB,16MiB' },
+      repeat: { type: 'string', default: '4' },
+      // Accepted for perf/run.ts, which passes its options to every benchmark.
+      size: { type: 'string' },
+      clients: { type: 'string' },
+    },
+  });
+  const sizes = values.sizes.split(',').map((size) => parseSize(size));
+  const repeat = Number(values.repeat);
+  if (sizes.some((size) => !(size > 0))) throw new Error(`--sizes ${values.sizes}: sizes of at least 1 byte`);
+  if (!Number.isInteger(repeat) || repeat < 1) throw new Error(`--repeat ${values.repeat}: a positive integer`);
+  return { sizes: [...sizes].sort((a, b) => a - b), repeat };
+}
+
+/** GETs over one keep-alive connection: straight to the seed, or through the proxy's CONNECT tunnel. */
+function clientFor(route: Route, target: { seedAddress: string; hub: HubSite; proxy: ProxyProcess; hubCaPem: string }) {
+  const agent = new https.Agent({ keepAlive: true, maxSockets: 1 });
+  let connect: https.RequestOptions;
+  if (route === 'seed') {
+    const [host, port] = target.seedAddress.split(':') as [string, string];
+    connect = { host, port: Number(port), ca: target.hubCaPem, headers: { host: target.seedAddress } };
+  } else {
+    const proxyCaPem = readFileSync(target.proxy.caFile, 'utf8');
+    const hostPort = target.hub.registryHostPort;
+    // The agent's sockets are TLS sessions inside a tunnel of the proxy's, as an HTTPS_PROXY client opens them.
+    (agent as unknown as { createConnection: unknown }).createConnection = (_options: unknown, done: (err: Error | null, socket?: tls.TLSSocket) => void) => {
+      const request = http.request({ host: '127.0.0.1', port: target.proxy.port, method: 'CONNECT', path: hostPort, headers: { host: hostPort } });
+      request.once('connect', (answer, socket) => {
+        if (answer.statusCode !== 200) return done(new Error(`CONNECT ${hostPort}: ${answer.statusCode}`));
+        done(null, tls.connect({ socket, servername: hostPort.split(':')[0]!, ca: proxyCaPem }));
+      });
+      request.once('error', done);
+      request.end();
+    };
+    connect = { host: hostPort.split(':')[0]!, port: target.hub.registryPort, headers: { host: hostPort } };
+  }
+  const get = (path: string, expected: Buffer) =>
+    new Promise<number>((resolve, reject) => {
+      const started = performance.now();
+      const request = https.request({ ...connect, agent, path, headers: { ...connect.headers, authorization: `Bearer ${HUB_TOKEN}` } }, (answer) => {
+        const chunks: Buffer[] = [];
+        answer.on('data', (chunk: Buffer) => chunks.push(chunk));
+        answer.once('error', reject);
+        answer.once('end', () => {
+          const elapsed = performance.now() - started;
+          const body = Buffer.concat(chunks);
+          if (answer.statusCode !== 200 || !body.equals(expected)) reject(new Error(`${route} ${path}: ${answer.statusCode}, ${body.length} bytes (expected 200 and ${expected.length} exact bytes)`));
+          else resolve(elapsed);
+        });
+      });
+      request.once('error', reject);
+      request.end();
+    });
+  return { get, close: () => agent.destroy() };
+}
+
+async function main(): Promise<void> {
+  const options = parseOptions(process.argv.slice(2));
+  const dir = makeTempDir(NAME);
+  const ca = createTestCa('pullthrough perf hub CA');
+  const caFile = writePem(dir, 'hub-ca.pem', ca.certPem);
+  const layoutDir = join(dir, 'layout');
+  // Image 0 warms both routes up; then one image per route and repetition.
+  const images: BuiltImage[] = [];
+  for (let i = 0; i <= options.repeat * 2; i++) {
+    images.push(await buildOciImage(layoutDir, { tag: `t${i}`, layers: options.sizes.map((size) => ({ randomBytes: size })), labels: { run: randomUUID() } }));
+  }
+  const origin = await startHubOrigin({ dir, ca, layoutDir, sites: [{ name: 'hub', images: images.map((image, i) => ({ repository: `bench/cold-${i}`, tag: 'v1', image })) }] });
+  const hub = origin.sites[0]!;
+  const seed = await startSeedNginx({ dir: join(dir, 'seed'), ca, caFile, site: hub });
+  const policy = ['registries:', ...[hub.registryHostPort, hub.authHostPort].map((key) => `  ${JSON.stringify(key)}:\n    tls: { ca: ${JSON.stringify(caFile)} }`), 'hosts:', ...origin.hostNames.map((name) => `  ${name}: 127.0.0.1`), ''].join('\n');
+  mkdirSync(join(dir, 'proxy'));
+  const proxy = await startProxyProcess({ dir: join(dir, 'proxy'), policy });
+  const target = { seedAddress: seed.address, hub, proxy, hubCaPem: ca.certPem };
+  const clients = { seed: clientFor('seed', target), proxy: clientFor('proxy', target) };
+  const blobsOf = (i: number) => images[i]!.layerDigests.map((digest) => ({ digest, bytes: readFileSync(join(layoutDir, 'blobs', 'sha256', digest.slice('sha256:'.length))) }));
+  const pull = async (route: Route, i: number) => {
+    const times: number[] = [];
+    for (const blob of blobsOf(i)) times.push(await clients[route].get(`/v2/bench/cold-${i}/blobs/${blob.digest}`, blob.bytes));
+    return times;
+  };
+  try {
+    progress('warm-up: both routes fetch image 0');
+    await pull('seed', 0);
+    await pull('proxy', 0);
+    const runs: Array<{ route: Route; repetition: number; ms: number[] }> = [];
+    for (let repetition = 1; repetition <= options.repeat; repetition++) {
+      const order: Route[] = repetition % 2 === 1 ? ['seed', 'proxy'] : ['proxy', 'seed'];
+      for (const [k, route] of order.entries()) {
+        const ms = await pull(route, (repetition - 1) * 2 + k + 1);
+        runs.push({ route, repetition, ms });
+        progress(`${route} #${repetition}: ${ms.map((t) => fixed(t, 1)).join(' ')} ms`);
+      }
+    }
+    const medians = (route: Route) => options.sizes.map((_, j) => median(runs.filter((run) => run.route === route).map((run) => run.ms[j]!)));
+    const seedMs = medians('seed');
+    const proxyMs = medians('proxy');
+    const environment = describeEnvironment(origin.nginx.version);
+    const source = describeSource();
+    const lines = [
+      `${NAME}: one client, cold blobs one after the other (registry 307 → CDN over TLS), ms from request to last byte, medians of ${options.repeat}`,
+      environmentLine(environment),
+      sourceLine(source),
+      '',
+      formatTable(
+        ['size', 'seed ms', 'proxy ms', 'proxy / seed', 'proxy − seed ms'],
+        options.sizes.map((size, j) => [formatSize(size), fixed(seedMs[j], 1), fixed(proxyMs[j], 1), fixed(proxyMs[j]! / seedMs[j]!, 2), fixed(proxyMs[j]! - seedMs[j]!, 1)]),
+      ),
+      '',
+    ];
+    process.stdout.write(lines.join('\n') + '\n');
+    process.stdout.write(JSON.stringify(roundNumbers({ benchmark: NAME, date: new Date().toISOString(), environment, source, options, sizes: options.sizes, medians: { seed: seedMs, proxy: proxyMs }, runs })) + '\n');
+  } finally {
+    clients.seed.close();
+    clients.proxy.close();
+    await Promise.all([proxy.stop(), seed.stop(), origin.nginx.stop()]);
+  }
+}
+
+await runBenchmark(main, progress);
