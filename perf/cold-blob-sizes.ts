@@ -9,8 +9,9 @@
 // the CDN host over TLS. One image per route and repetition, each with one layer of every size (random
 // bytes, so no blob is in either cache). One client in this process, one keep-alive connection per
 // route (through the proxy: one CONNECT tunnel, then TLS to the proxy's leaf), asks for the image's
-// blobs one after the other, smallest first, with the registry's token; the time is from sending the
-// request to the last byte. Before the first repetition both routes fetch a warm-up image (connections
+// blobs one after the other, smallest first, with a token (through the proxy, one it got anonymously
+// from the token service through the proxy, as skopeo does); the time is from sending the request to
+// the last byte. Before the first repetition both routes fetch a warm-up image (connections
 // open, code compiled, leaves minted, fill workers started). Repetitions alternate which route goes first.
 // Every answer must be 200 with the blob's exact bytes.
 import { randomUUID } from 'node:crypto';
@@ -24,7 +25,7 @@ import { formatSize, parseSize } from '../config/units.ts';
 import { buildOciImage, type BuiltImage } from '../test/helpers/oci-image.ts';
 import { createTestCa, writePem } from '../test/helpers/pki.ts';
 import { makeTempDir, runBenchmark } from './lib/cleanup.ts';
-import { HUB_TOKEN, startHubOrigin, type HubSite } from './lib/hub-origin.ts';
+import { HUB_SERVICE, HUB_TOKEN, startHubOrigin, type HubSite } from './lib/hub-origin.ts';
 import { describeEnvironment, environmentLine, progressTo } from './lib/measure.ts';
 import { startProxyProcess, type ProxyProcess } from './lib/proxy.ts';
 import { fixed, formatTable, median, roundNumbers } from './lib/report.ts';
@@ -58,8 +59,14 @@ function parseOptions(argv: string[]): Options {
   return { sizes: [...sizes].sort((a, b) => a - b), repeat };
 }
 
-/** GETs over one keep-alive connection: straight to the seed, or through the proxy's CONNECT tunnel. */
-function clientFor(route: Route, target: { seedAddress: string; hub: HubSite; proxy: ProxyProcess; hubCaPem: string }) {
+/**
+ * GETs over keep-alive connections: straight to the seed, or through the proxy's CONNECT tunnels (one
+ * per host), as an HTTPS_PROXY client opens them. Through the proxy, the client first asks the token
+ * service for an anonymous token, as skopeo and containerd do: the proxy sees it issued, so what it
+ * reads is public and no read check goes upstream. A token it had not seen issued would cost an
+ * anonymous HEAD upstream per blob, which the pulls this stands for never send.
+ */
+async function clientFor(route: Route, target: { seedAddress: string; hub: HubSite; proxy: ProxyProcess; hubCaPem: string }) {
   const agent = new https.Agent({ keepAlive: true, maxSockets: 1 });
   let connect: https.RequestOptions;
   if (route === 'seed') {
@@ -67,36 +74,44 @@ function clientFor(route: Route, target: { seedAddress: string; hub: HubSite; pr
     connect = { host, port: Number(port), ca: target.hubCaPem, headers: { host: target.seedAddress } };
   } else {
     const proxyCaPem = readFileSync(target.proxy.caFile, 'utf8');
-    const hostPort = target.hub.registryHostPort;
-    // The agent's sockets are TLS sessions inside a tunnel of the proxy's, as an HTTPS_PROXY client opens them.
-    (agent as unknown as { createConnection: unknown }).createConnection = (_options: unknown, done: (err: Error | null, socket?: tls.TLSSocket) => void) => {
+    (agent as unknown as { createConnection: unknown }).createConnection = (options: { host: string; port: number }, done: (err: Error | null, socket?: tls.TLSSocket) => void) => {
+      const hostPort = `${options.host}:${options.port}`;
       const request = http.request({ host: '127.0.0.1', port: target.proxy.port, method: 'CONNECT', path: hostPort, headers: { host: hostPort } });
       request.once('connect', (answer, socket) => {
         if (answer.statusCode !== 200) return done(new Error(`CONNECT ${hostPort}: ${answer.statusCode}`));
-        done(null, tls.connect({ socket, servername: hostPort.split(':')[0]!, ca: proxyCaPem }));
+        done(null, tls.connect({ socket, servername: options.host, ca: proxyCaPem }));
       });
       request.once('error', done);
       request.end();
     };
+    const hostPort = target.hub.registryHostPort;
     connect = { host: hostPort.split(':')[0]!, port: target.hub.registryPort, headers: { host: hostPort } };
   }
-  const get = (path: string, expected: Buffer) =>
-    new Promise<number>((resolve, reject) => {
-      const started = performance.now();
-      const request = https.request({ ...connect, agent, path, headers: { ...connect.headers, authorization: `Bearer ${HUB_TOKEN}` } }, (answer) => {
+  const fetchBody = (options: https.RequestOptions) =>
+    new Promise<{ status: number; body: Buffer }>((resolve, reject) => {
+      const request = https.request({ ...options, agent }, (answer) => {
         const chunks: Buffer[] = [];
         answer.on('data', (chunk: Buffer) => chunks.push(chunk));
         answer.once('error', reject);
-        answer.once('end', () => {
-          const elapsed = performance.now() - started;
-          const body = Buffer.concat(chunks);
-          if (answer.statusCode !== 200 || !body.equals(expected)) reject(new Error(`${route} ${path}: ${answer.statusCode}, ${body.length} bytes (expected 200 and ${expected.length} exact bytes)`));
-          else resolve(elapsed);
-        });
+        answer.once('end', () => resolve({ status: answer.statusCode ?? 0, body: Buffer.concat(chunks) }));
       });
       request.once('error', reject);
       request.end();
     });
+  let token = HUB_TOKEN;
+  if (route === 'proxy') {
+    const auth = target.hub.authHostPort;
+    const answer = await fetchBody({ host: auth.split(':')[0]!, port: Number(auth.split(':')[1]), path: `/token?service=${HUB_SERVICE}&scope=repository:bench/cold-0:pull`, headers: { host: auth } });
+    if (answer.status !== 200) throw new Error(`the token service through the proxy answered ${answer.status}`);
+    token = (JSON.parse(answer.body.toString('utf8')) as { token: string }).token;
+  }
+  const get = async (path: string, expected: Buffer) => {
+    const started = performance.now();
+    const { status, body } = await fetchBody({ ...connect, path, headers: { ...connect.headers, authorization: `Bearer ${token}` } });
+    const elapsed = performance.now() - started;
+    if (status !== 200 || !body.equals(expected)) throw new Error(`${route} ${path}: ${status}, ${body.length} bytes (expected 200 and ${expected.length} exact bytes)`);
+    return elapsed;
+  };
   return { get, close: () => agent.destroy() };
 }
 
@@ -118,7 +133,7 @@ async function main(): Promise<void> {
   mkdirSync(join(dir, 'proxy'));
   const proxy = await startProxyProcess({ dir: join(dir, 'proxy'), policy });
   const target = { seedAddress: seed.address, hub, proxy, hubCaPem: ca.certPem };
-  const clients = { seed: clientFor('seed', target), proxy: clientFor('proxy', target) };
+  const clients = { seed: await clientFor('seed', target), proxy: await clientFor('proxy', target) };
   const blobsOf = (i: number) => images[i]!.layerDigests.map((digest) => ({ digest, bytes: readFileSync(join(layoutDir, 'blobs', 'sha256', digest.slice('sha256:'.length))) }));
   const pull = async (route: Route, i: number) => {
     const times: number[] = [];
