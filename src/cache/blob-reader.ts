@@ -166,7 +166,7 @@ class ReadBufferPool {
   /** A buffer and how much to read into it, for a read of up to `wanted` bytes. */
   take(wanted: number): { buffer: Buffer; length: number } {
     let length = Math.min(wanted, READ_SIZE);
-    while (length > MIN_READ && length * this.senders > IN_FLIGHT_BUDGET) length >>>= 1;
+    while (length > MIN_READ && length * this.senders > IN_FLIGHT_BUDGET) length = Math.max(MIN_READ, length >>> 1);
     while (length > MIN_READ && this.inFlight + length > IN_FLIGHT_BUDGET) length = Math.max(MIN_READ, length >>> 1);
     this.inFlight += length;
     // The smallest idle buffer that holds it; a new one only when none does.
