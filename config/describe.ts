@@ -73,7 +73,7 @@ export function describePolicy(policy: Policy): string {
           cluster: {
             peers: policy.cluster.peers.map(formatPeer),
             self: formatPeer(policy.cluster.self),
-            listen: `${policy.cluster.listen.host.includes(':') ? `[${policy.cluster.listen.host}]` : policy.cluster.listen.host}:${policy.cluster.listen.port}`,
+            listen: formatPeer(policy.cluster.listen),
             secret: MASK,
             refresh: formatDuration(policy.cluster.refreshMs),
           },

@@ -150,8 +150,23 @@ interface Bench {
   cli?: string;
 }
 
+/**
+ * CPU of a download: every replica together, the owner, the receiving replica (undefined when it is the
+ * owner); per GiB, and in seconds (of the run, or per run in a summary).
+ */
+interface CpuFigures {
+  cpuSecondsPerGiB: number;
+  ownerCpuSecondsPerGiB: number;
+  ownerMainThreadCpuSecondsPerGiB: number;
+  receiverCpuSecondsPerGiB?: number;
+  receiverMainThreadCpuSecondsPerGiB?: number;
+  cpuSeconds: number;
+  ownerCpuSeconds: number;
+  receiverCpuSeconds?: number;
+}
+
 /** One measured download (hit or cold), with the replicas' figures. */
-interface BlobRun {
+interface BlobRun extends CpuFigures {
   replicas: number;
   via: Via;
   clients: number;
@@ -167,16 +182,6 @@ interface BlobRun {
   cache: string[];
   originGets: number;
   machineCores: number;
-  /** Every replica together, the owner, the receiving replica (undefined when it is the owner). */
-  cpuSecondsPerGiB: number;
-  ownerCpuSecondsPerGiB: number;
-  ownerMainThreadCpuSecondsPerGiB: number;
-  receiverCpuSecondsPerGiB?: number;
-  receiverMainThreadCpuSecondsPerGiB?: number;
-  /** CPU seconds of all replicas, of the owner and of the receiving replica in the run. */
-  cpuSeconds: number;
-  ownerCpuSeconds: number;
-  receiverCpuSeconds?: number;
   replicaFigures: ProxyFigures[];
 }
 
@@ -468,7 +473,7 @@ function describeCounts(run: RolloutRun): string {
   return `manifest GET by tag ${u.manifestGetsByTag}, HEAD ${u.manifestHeadsByTag + u.manifestHeadsByDigest}, GET by digest ${u.manifestGetsByDigest}, blob GETs ${run.blobOrder.map((d) => u.blobGets[d] ?? 0).join('/')}`;
 }
 
-interface BlobSummary {
+interface BlobSummary extends CpuFigures {
   replicas: number;
   via: Via;
   clients: number;
@@ -480,15 +485,6 @@ interface BlobSummary {
   firstByteMsMin: number;
   firstByteMsMax: number;
   totalMs: number;
-  cpuSecondsPerGiB: number;
-  ownerCpuSecondsPerGiB: number;
-  ownerMainThreadCpuSecondsPerGiB: number;
-  receiverCpuSecondsPerGiB?: number;
-  receiverMainThreadCpuSecondsPerGiB?: number;
-  /** CPU seconds per run: all replicas, the owner, the receiving replica. */
-  cpuSeconds: number;
-  ownerCpuSeconds: number;
-  receiverCpuSeconds?: number;
   originGets: string;
   machineCores: number;
 }

@@ -16,6 +16,7 @@ import { isIP } from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
 import forge from 'node-forge';
+import { errorCode } from './log.ts';
 
 const DAY = 86_400_000;
 const CA_LIFETIME_DAYS = 3650;
@@ -316,9 +317,6 @@ function readPem(file: string): string {
   }
 }
 
-function errorCode(err: unknown): string {
-  return (err as NodeJS.ErrnoException).code ?? (err as Error).message;
-}
 
 /**
  * Signs the TBSCertificate with node:crypto (fast) and lets forge encode the result; `spki`, when given,

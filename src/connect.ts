@@ -14,6 +14,7 @@
 import { BlockList, isIP, type LookupFunction } from 'node:net';
 import os from 'node:os';
 import { canonicalAddress, parseTunnelPattern, registryKey, type Policy, type RegistryPolicy, type TunnelPattern } from '../config/policy.ts';
+import { errorCode } from './log.ts';
 import { resolveAll } from './resolver.ts';
 
 export interface Target {
@@ -88,7 +89,7 @@ export async function resolveTunnel(policy: Policy, target: Target, lookup: Look
         new Promise<never>((_, reject) => (timer = setTimeout(() => reject(Object.assign(new Error('timed out'), { code: 'ETIMEOUT' })), timeoutMs))),
       ]);
     } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
+      const code = errorCode(err);
       return { kind: 'unreachable', status: code === 'ETIMEOUT' ? 504 : 502, reason: `cannot resolve ${target.host}: ${code}` };
     } finally {
       clearTimeout(timer);

@@ -45,3 +45,11 @@ export function applyClientTimeouts(server: http.Server, timeouts: Timeouts): vo
     else socket.destroy();
   });
 }
+
+/** Closes a listener of the proxy's own: no new connections, and the open ones cut. */
+export function closeServer(server: http.Server): Promise<void> {
+  return new Promise<void>((resolve) => {
+    server.close(() => resolve());
+    server.closeAllConnections();
+  });
+}

@@ -2,6 +2,11 @@
 // messages (JSON lines on stderr, each naming what happened and what to do). Neither ever receives a
 // header value: callers pass chosen fields, never a request's headers.
 
+/** What an error is called in a log field or a message: its code (ECONNREFUSED…) when it has one, else its message. */
+export function errorCode(err: unknown): string {
+  return (err as NodeJS.ErrnoException).code ?? (err as Error).message;
+}
+
 export type CacheStatus = 'HIT' | 'MISS' | 'STALE' | 'REVALIDATED' | 'JOINED' | 'BYPASS' | 'TUNNEL';
 
 export interface AccessEntry {

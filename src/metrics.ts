@@ -190,24 +190,21 @@ export function createMetrics(live: LiveState): Metrics {
       const host = registryLabel(entry.host);
       const base = { registry: host, type: entry.type ?? 'other', cache: entry.cache ?? 'BYPASS' };
       const upstreamStatus = upstreamStatusOf(entry);
+      if (upstreamStatus !== undefined) series.inc(upstream, { registry: host, status: statusLabel(upstreamStatus) });
+      // A joiner's upstream time is its leader's: counted once, with the leader.
+      if (entry.upstreamMs !== undefined && entry.cache !== 'JOINED') series.observe(upstreamDuration, { registry: host, type: base.type }, entry.upstreamMs / 1000);
       if (entry.peer !== undefined || entry.forPeer) {
         const role = entry.forPeer ? 'served' : 'relayed';
         peerRequests.inc({ role, type: base.type, cache: base.cache });
         peerBytes.inc({ role }, entry.bytes);
       }
-      if (entry.forPeer) {
-        // What upstream did for it is this replica's; the client's request is the other replica's.
-        if (upstreamStatus !== undefined) series.inc(upstream, { registry: host, status: statusLabel(upstreamStatus) });
-        if (entry.upstreamMs !== undefined && entry.cache !== 'JOINED') series.observe(upstreamDuration, { registry: host, type: base.type }, entry.upstreamMs / 1000);
-        return;
-      }
+      // Another replica's client: what upstream did for it is this replica's (counted above), the
+      // client's request is the other replica's.
+      if (entry.forPeer) return;
       series.inc(requests, { ...base, status: statusLabel(entry.status) });
       series.inc(bytes, base, entry.bytes);
       duration.observe({ type: base.type, cache: base.cache }, entry.ms / 1000);
       if (FROM_CACHE.has(base.cache)) series.inc(saved, { registry: host }, entry.bytes);
-      if (upstreamStatus !== undefined) series.inc(upstream, { registry: host, status: statusLabel(upstreamStatus) });
-      // A joiner's upstream time is its leader's: counted once, with the leader.
-      if (entry.upstreamMs !== undefined && entry.cache !== 'JOINED') series.observe(upstreamDuration, { registry: host, type: base.type }, entry.upstreamMs / 1000);
     },
     fillEnded(registryKey, outcome) {
       if (outcome.kind !== 'failed') return;

@@ -21,7 +21,7 @@ import https from 'node:https';
 import type { Policy, ProxyUser, RegistryPolicy } from '../config/policy.ts';
 import { DOCKER_HUB_KEY, mirrorRegistryKey, type MirrorPolicy } from '../config/mirror.ts';
 import type { CertificateAuthority } from './ca.ts';
-import { applyClientTimeouts, createLeafServer } from './leaf-server.ts';
+import { applyClientTimeouts, closeServer, createLeafServer } from './leaf-server.ts';
 import { pathForLog, type Logger } from './log.ts';
 import { authenticateProxyUser } from './proxy-users.ts';
 import { sendRegistryError } from './registry/errors.ts';
@@ -144,11 +144,7 @@ export function createMirror(deps: MirrorDeps): MirrorFront {
 
   return {
     server,
-    close: () =>
-      new Promise<void>((resolve) => {
-        server.close(() => resolve());
-        server.closeAllConnections();
-      }),
+    close: () => closeServer(server),
   };
 }
 

@@ -1,7 +1,6 @@
 // Wires the parts together and starts listening: the LMDB index, the CA, the worker pool, the
 // upstream agents, the intercepted sessions and the front.
 import { chmodSync, existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
-import type http from 'node:http';
 import type https from 'node:https';
 import type net from 'node:net';
 import type { AddressInfo } from 'node:net';
@@ -30,11 +29,12 @@ import { RateLimits } from './upstream/rate-limits.ts';
 import { createBlobHandler } from './registry/blobs.ts';
 import { createFront } from './listener.ts';
 import { createMirror, type MirrorFront } from './mirror.ts';
-import type { AccessEntry, Logger } from './log.ts';
+import { errorCode, type AccessEntry, type Logger } from './log.ts';
 import { createWorkerPool, type WorkerPool } from './pool.ts';
 import { createRegistryHandler } from './registry/handler.ts';
 import { createLookup } from './resolver.ts';
 import { InFlight } from './in-flight.ts';
+import { closeServer } from './leaf-server.ts';
 import { InterceptedSessions } from './session.ts';
 import { preloadTrust, UpstreamAgents } from './upstream/agents.ts';
 import { TokenExchange } from './upstream/token-exchange.ts';
@@ -155,7 +155,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     caNotAfter: () => ca.notAfter,
     leafExpiries: () => ca.leafExpiries(),
     warm: () => warmSchedule?.status(),
-    ...(membership ? { cluster: () => ({ members: membership.members().length, unreachable: membership.members().filter((m) => membership.isDown(m)).length, failovers: owners?.failovers ?? 0 }) } : {}),
+    ...(membership ? { cluster: () => ({ members: membership.members().length, unreachable: membership.members().length - membership.reachable().length, failovers: owners?.failovers ?? 0 }) } : {}),
   });
   const workersHealthy = () => pool.health().then(() => 'ok', (err: Error) => err.message);
   const admin = createAdminHandler({
@@ -202,7 +202,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   setImmediate(preloadTrust);
   // The policy's warm-up list: through the front, from loopback, a short delay after listening.
   // In cluster mode one replica warms: the first in rendezvous order of a fixed key among the reachable.
-  const leads = membership ? () => rankFor('warm-up', membership.members().filter((m) => !membership.isDown(m)))[0] === membership.self : undefined;
+  const leads = membership ? () => rankFor('warm-up', membership.reachable())[0] === membership.self : undefined;
   warmSchedule = new WarmSchedule({ warm: policy.warm, proxyUrl: loopbackUrl(policy.listen.host, address.port), caPem: ca.certPem, ...(warmUser ? { user: warmUser } : {}), ...(leads ? { leads } : {}), log });
   warmSchedule.start();
 
@@ -263,13 +263,6 @@ function listenOn(server: net.Server, listen: Listen): Promise<void> {
   });
 }
 
-function closeServer(server: http.Server): Promise<void> {
-  return new Promise<void>((resolve) => {
-    server.close(() => resolve());
-    server.closeAllConnections();
-  });
-}
-
 /** Polls that answer fine: a line each every few seconds would bury the pulls (PULLTHROUGH_LOG_PROBES=1 keeps them). */
 const PROBE_PATHS = new Set(['/healthz', '/readyz', '/ui/data.json', '/metrics']);
 
@@ -292,7 +285,7 @@ function prepareDataDir(dataDir: string, log: Logger): void {
     log.info('the data directory keeps its mode (it belongs to another user); the index and cached files in it are private on their own', {
       dataDir,
       mode: (mode & 0o777).toString(8).padStart(4, '0'),
-      error: (err as NodeJS.ErrnoException).code ?? (err as Error).message,
+      error: errorCode(err),
     });
   }
 }

@@ -4,7 +4,7 @@ import { chmodSync, mkdirSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import type { LeafStore } from '../ca.ts';
-import { createLogger, type Logger } from '../log.ts';
+import { createLogger, errorCode, type Logger } from '../log.ts';
 
 export interface CacheIndex {
   root: RootDatabase;
@@ -58,7 +58,7 @@ function keepPrivate(dir: string, log: Logger): void {
     } catch (err) {
       log.warn('cannot make the cache index private to the proxy user: other local users may read it', {
         path: file,
-        error: (err as NodeJS.ErrnoException).code ?? (err as Error).message,
+        error: errorCode(err),
         fix: `chown the data directory to the proxy user, then chmod 0700 ${dir}`,
       });
     }

@@ -11,7 +11,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import type { LookupFunction } from 'node:net';
 import path from 'node:path';
 import { formatPeer, type ClusterPolicy } from '../../config/cluster.ts';
-import type { Logger } from '../log.ts';
+import { errorCode, type Logger } from '../log.ts';
 import { resolveAll } from '../resolver.ts';
 
 /** Asks the replica at a peer address for its id; rejects when it cannot be asked. */
@@ -76,6 +76,16 @@ export class Membership {
   /** The other members, each with its peer address. */
   peers(): Array<{ id: string; address: string }> {
     return [...this.addresses].filter(([id]) => id !== this.self).map(([id, address]) => ({ id, address }));
+  }
+
+  /** The other members not passed over now. */
+  reachablePeers(): Array<{ id: string; address: string }> {
+    return this.peers().filter(({ id }) => !this.isDown(id));
+  }
+
+  /** Every member not passed over now, this replica included. */
+  reachable(): string[] {
+    return this.members().filter((id) => !this.isDown(id));
   }
 
   /** Where a member's peer port is. */
@@ -166,7 +176,7 @@ export class Membership {
         for (const address of await resolveAll(this.lookup, peer.host)) found.add(formatPeer({ host: address, port: peer.port }));
       }
     } catch (err) {
-      const problem = `${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`;
+      const problem = errorCode(err);
       if (problem !== this.lastProblem) this.log.warn('cannot resolve the cluster peers; keeping the members known so far', { peers: this.policy.peers.map(formatPeer), error: problem, members: this.describe() });
       this.lastProblem = problem;
       return;

@@ -11,7 +11,7 @@ import { Agent, type Dispatcher } from 'undici';
 import type { ProxyUser } from '../../config/policy.ts';
 import type { PurgeRequest } from '../admin/index.ts';
 import type { PurgeResult } from '../cache/purge.ts';
-import type { CacheStatus, Logger } from '../log.ts';
+import { errorCode, type CacheStatus, type Logger } from '../log.ts';
 import { requestHeadersForUpstream, responseHeadersForClient } from '../upstream/forward.ts';
 import type { Membership } from './membership.ts';
 import { formatTokenAccess, PEER_HEADERS, PEER_ID_PATH, PEER_PURGE_PATH, PEER_REFUSED_HEADER, PEER_TLS_NAME, peerPath } from './peer-protocol.ts';
@@ -90,15 +90,10 @@ export class OwnerRouter {
               headers: this.headersFor(req, request),
               signal: cancel.signal,
             });
-          // A kept-alive connection the owner closed as it was reused: once more on a new one before the
-          // owner is taken for gone (its keys would go to the next replica, which fetches them again).
-          response = await ask().catch((err: NodeJS.ErrnoException) => {
-            if (cancel.signal.aborted || !STALE_CONNECTION.has(err.code ?? '')) throw err;
-            return ask();
-          });
+          response = await onceMoreIfStale(ask, cancel.signal);
         } catch (err) {
           if (cancel.signal.aborted) return { status: 499, bytes: 0, peer: address, error: 'the client went away' };
-          this.log.warn('a cluster peer failed before it answered; asking the next', { peer: address, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+          this.log.warn('a cluster peer failed before it answered; asking the next', { peer: address, error: errorCode(err) });
           this.membership.markDown(member);
           this.failovers++;
           continue;
@@ -129,15 +124,14 @@ export class OwnerRouter {
    */
   async forgetTagEverywhere(registryKey: string, repository: string, tag: string): Promise<void> {
     const path = peerPath(registryKey, `/v2/${repository}/manifests/${tag}`);
-    const reachable = this.membership.peers().filter(({ id }) => !this.membership.isDown(id));
     await Promise.all(
-      reachable.map(async ({ address }) => {
+      this.membership.reachablePeers().map(async ({ address }) => {
         try {
           const response = await this.agent.request({ origin: `https://${address}`, path, method: 'DELETE', headers: { [PEER_HEADERS.secret]: this.secret } });
           await response.body.dump();
           if (response.statusCode !== 204) throw new Error(`answered ${response.statusCode}`);
         } catch (err) {
-          this.log.warn('a cluster peer could not be told to forget a pushed tag; it may serve the old manifest until its TTL', { peer: address, repository, tag, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+          this.log.warn('a cluster peer could not be told to forget a pushed tag; it may serve the old manifest until its TTL', { peer: address, repository, tag, error: errorCode(err) });
         }
       }),
     );
@@ -164,7 +158,7 @@ export class OwnerRouter {
           total.busy.push(...theirs.busy);
         } catch (err) {
           unreachable.push(address);
-          this.log.warn('a cluster peer could not be asked to purge', { peer: address, error: (err as NodeJS.ErrnoException).code ?? (err as Error).message });
+          this.log.warn('a cluster peer could not be asked to purge', { peer: address, error: errorCode(err) });
         }
       }),
     );
@@ -196,11 +190,7 @@ export class OwnerRouter {
         headersTimeout: PEER_CONNECT_TIMEOUT_MS,
         bodyTimeout: PEER_CONNECT_TIMEOUT_MS,
       });
-    // As in serve(): a connection closed under the question is no sign the peer is gone.
-    const response = await ask().catch((err: NodeJS.ErrnoException) => {
-      if (!STALE_CONNECTION.has(err.code ?? '')) throw err;
-      return ask();
-    });
+    const response = await onceMoreIfStale(ask);
     const text = await response.body.text();
     if (response.statusCode !== 200) throw new Error(`answered ${response.statusCode}`);
     return String((JSON.parse(text) as { id?: unknown }).id);
@@ -218,8 +208,20 @@ export class OwnerRouter {
       return { status: response.statusCode, bytes, peer: member, ...(cache ? { cache } : {}) };
     } catch (err) {
       res.destroy();
-      const error = clientGone.aborted ? 'the client went away' : `the stream from cluster peer ${member} failed: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`;
+      const error = clientGone.aborted ? 'the client went away' : `the stream from cluster peer ${member} failed: ${errorCode(err)}`;
       return { status: response.statusCode, bytes, peer: member, ...(cache ? { cache } : {}), error };
     }
   }
+}
+
+/**
+ * A kept-alive connection the peer closed as it was reused fails the request: asked once more, on a new
+ * connection, before the peer is taken for gone (its keys would go to the next replica, which fetches
+ * them again). Not when the client left meanwhile.
+ */
+function onceMoreIfStale<T>(ask: () => Promise<T>, cancelled?: AbortSignal): Promise<T> {
+  return ask().catch((err: NodeJS.ErrnoException) => {
+    if (cancelled?.aborted || !STALE_CONNECTION.has(err.code ?? '')) throw err;
+    return ask();
+  });
 }

@@ -34,7 +34,7 @@ export class PeerCopies {
   sourcesFor(digest: string): PeerSource[] | undefined {
     if (this.distrusted.has(digest)) return undefined;
     // Ranking the other members alone keeps their order: each member's weight is its own.
-    const addresses = new Map(this.membership.peers().filter(({ id }) => !this.membership.isDown(id)).map(({ id, address }) => [id, address]));
+    const addresses = new Map(this.membership.reachablePeers().map(({ id, address }) => [id, address]));
     const sources = rankFor(blobKey(digest), [...addresses.keys()])
       .slice(0, MAX_PEERS_ASKED)
       .map((id): PeerSource => {

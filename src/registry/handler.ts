@@ -181,12 +181,13 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     // A pushed or deleted tag: the next pull must ask upstream. Forgotten before the write goes up, so
     // no pull that follows the client's 201 can find the old entry (forgetting after the answer
     // would race the client's next request), and again after it, for a pull that ran meanwhile.
-    const retagging = route.kind === 'manifest' && !route.byDigest && (req.method === 'PUT' || req.method === 'DELETE');
-    if (retagging) {
-      await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
+    const retagged = route.kind === 'manifest' && !route.byDigest && (req.method === 'PUT' || req.method === 'DELETE') ? { repository: route.name, tag: route.reference } : undefined;
+    const forgetTag = async ({ repository, tag }: { repository: string; tag: string }) => {
+      await deps.manifestStore.forgetTag(registry.key, repository, tag);
       // Cluster mode: the tag's owner (and any replica) holds its own copy.
-      await deps.owners?.forgetTagEverywhere(registry.key, route.name, route.reference);
-    }
+      await deps.owners?.forgetTagEverywhere(registry.key, repository, tag);
+    };
+    if (retagged) await forgetTag(retagged);
     // Everything else streams through untouched, uploads included (unbuffered and unlimited, unless
     // requestBuffering asks for whole uploads first).
     const uploading = (route.kind === 'upload' || route.kind === 'manifest') && (req.method === 'POST' || req.method === 'PUT' || req.method === 'PATCH');
@@ -199,10 +200,7 @@ export function createRegistryHandler(deps: RegistryHandlerDeps): RegistryHandle
     const forwarded = startUpstreamSpan(access.method, () => `${upstream.origin}${access.path}`);
     const result = await forward(req, res, { dispatcher, origin: upstream.origin, hostHeader, ...(spoolDir ? { spoolDir } : {}), ...(proxyAuthorization ? { authorization: proxyAuthorization } : {}) }, { 'X-Cache': 'BYPASS' });
     endSpan(forwarded, result.upstreamStatus !== undefined ? { 'http.response.status_code': result.upstreamStatus } : {}, result.upstreamStatus === undefined ? result.error : undefined);
-    if (retagging && result.status >= 200 && result.status < 300) {
-      await deps.manifestStore.forgetTag(registry.key, route.name, route.reference);
-      await deps.owners?.forgetTagEverywhere(registry.key, route.name, route.reference);
-    }
+    if (retagged && result.status >= 200 && result.status < 300) await forgetTag(retagged);
     log({ ...access, ...result, cache: 'BYPASS', type: route.kind, ms: elapsed(started) });
   }
 }
