@@ -14,6 +14,8 @@
 // the last byte. Before the first repetition both routes fetch a warm-up image (connections
 // open, code compiled, leaves minted, fill workers started). Repetitions alternate which route goes first.
 // Every answer must be 200 with the blob's exact bytes.
+// CPU per MiB: what the proxy process (by thread) and the seed's nginx spent over the repetitions, over
+// the bytes served; the routes never run at once, so each server's CPU is its own route's.
 import { randomUUID } from 'node:crypto';
 import http from 'node:http';
 import https from 'node:https';
@@ -27,6 +29,7 @@ import { createTestCa, writePem } from '../test/helpers/pki.ts';
 import { makeTempDir, runBenchmark } from './lib/cleanup.ts';
 import { HUB_SERVICE, HUB_TOKEN, startHubOrigin, type HubSite } from './lib/hub-origin.ts';
 import { describeEnvironment, environmentLine, progressTo } from './lib/measure.ts';
+import { readCountersOf, readThreadCpu, threadCpuByName } from './lib/procfs.ts';
 import { startProxyProcess, type ProxyProcess } from './lib/proxy.ts';
 import { fixed, formatTable, median, roundNumbers } from './lib/report.ts';
 import { startSeedNginx } from './lib/seed-nginx.ts';
@@ -145,6 +148,9 @@ async function main(): Promise<void> {
     await pull('seed', 0);
     await pull('proxy', 0);
     const runs: Array<{ route: Route; repetition: number; ms: number[] }> = [];
+    // The routes never run at once, so what each server spends from here on is its own route's work.
+    const seedCpuBefore = readCountersOf(seed.pids()).cpuSeconds;
+    const proxyCpuBefore = readThreadCpu(proxy.pid);
     for (let repetition = 1; repetition <= options.repeat; repetition++) {
       const order: Route[] = repetition % 2 === 1 ? ['seed', 'proxy'] : ['proxy', 'seed'];
       for (const [k, route] of order.entries()) {
@@ -153,6 +159,12 @@ async function main(): Promise<void> {
         progress(`${route} #${repetition}: ${ms.map((t) => fixed(t, 1)).join(' ')} ms`);
       }
     }
+    const mib = (options.repeat * options.sizes.reduce((sum, size) => sum + size, 0)) / 1024 ** 2;
+    const cpuMsPerMiB = {
+      seed: ((readCountersOf(seed.pids()).cpuSeconds - seedCpuBefore) * 1000) / mib,
+      proxy: Object.fromEntries(Object.entries(threadCpuByName(readThreadCpu(proxy.pid), proxyCpuBefore)).map(([name, seconds]) => [name, (seconds * 1000) / mib])),
+    };
+    const proxyCpuMsPerMiB = Object.values(cpuMsPerMiB.proxy).reduce((sum, ms) => sum + ms, 0);
     const medians = (route: Route) => options.sizes.map((_, j) => median(runs.filter((run) => run.route === route).map((run) => run.ms[j]!)));
     const seedMs = medians('seed');
     const proxyMs = medians('proxy');
@@ -168,9 +180,11 @@ async function main(): Promise<void> {
         options.sizes.map((size, j) => [formatSize(size), fixed(seedMs[j], 1), fixed(proxyMs[j], 1), fixed(proxyMs[j]! / seedMs[j]!, 2), fixed(proxyMs[j]! - seedMs[j]!, 1)]),
       ),
       '',
+      `CPU per MiB served cold: seed (nginx) ${fixed(cpuMsPerMiB.seed, 2)} ms, proxy ${fixed(proxyCpuMsPerMiB, 2)} ms (${Object.entries(cpuMsPerMiB.proxy).filter(([, ms]) => ms >= 0.005).sort((a, b) => b[1] - a[1]).map(([name, ms]) => `${name} ${fixed(ms, 2)}`).join(', ')})`,
+      '',
     ];
     process.stdout.write(lines.join('\n') + '\n');
-    process.stdout.write(JSON.stringify(roundNumbers({ benchmark: NAME, date: new Date().toISOString(), environment, source, options, sizes: options.sizes, medians: { seed: seedMs, proxy: proxyMs }, runs })) + '\n');
+    process.stdout.write(JSON.stringify(roundNumbers({ benchmark: NAME, date: new Date().toISOString(), environment, source, options, sizes: options.sizes, medians: { seed: seedMs, proxy: proxyMs }, cpuMsPerMiB, runs })) + '\n');
   } finally {
     clients.seed.close();
     clients.proxy.close();
