@@ -56,7 +56,7 @@ export function describePolicy(policy: Policy): string {
     listen: `${policy.listen.host.includes(':') ? `[${policy.listen.host}]` : policy.listen.host}:${policy.listen.port}`,
     dataDir: policy.dataDir,
     caDir: policy.caDir,
-    cache: { maxSize: formatSize(policy.cache.maxSize), minFree: formatSize(policy.cache.minFree), readCheckTtl: formatDuration(policy.cache.readCheckTtlMs) },
+    cache: { maxSize: formatSize(policy.cache.maxSize), minFree: formatSize(policy.cache.minFree), readCheckTtl: formatDuration(policy.cache.readCheckTtlMs), prefetch: policy.cache.prefetch },
     manifests: manifests(policy.manifests),
     defaults,
     registries,

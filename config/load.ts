@@ -91,7 +91,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
   const listenCursor = at('listen');
   const listen = listenCursor.present ? parseListen(listenCursor.string(), (m) => listenCursor.fail(m)) : { host: '0.0.0.0', port: 3128 };
 
-  const cache = at('cache').entries(['maxSize', 'minFree', 'readCheckTtl']);
+  const cache = at('cache').entries(['maxSize', 'minFree', 'readCheckTtl', 'prefetch']);
   const manifests = parseManifests(at('manifests'), defaultManifestPolicy());
   const defaultsMap = at('defaults').entries(['push', 'timeouts', 'tls', 'upstreamProxy', 'noProxy']);
   const defaultTls = (defaultsMap.get('tls') ?? new Cursor(null, 'defaults.tls', src)).entries(['verify']);
@@ -112,6 +112,7 @@ export function parsePolicy(text: string, file: string, env: NodeJS.ProcessEnv, 
       maxSize: cache.get('maxSize')?.size() ?? 32 * 1024 ** 3,
       minFree: cache.get('minFree')?.size() ?? 1024 ** 3,
       readCheckTtlMs: cache.get('readCheckTtl')?.durationMs() ?? 60_000,
+      prefetch: cache.get('prefetch')?.boolean() ?? true,
     },
     manifests,
     defaults,

@@ -116,6 +116,8 @@ export interface Policy {
     minFree: number;
     /** How long "these credentials may read this private cached object" is believed, per credential. */
     readCheckTtlMs: number;
+    /** Once a client asks for a layer of an image, fetch the image's other layers ahead of it (src/registry/prefetch.ts). */
+    prefetch: boolean;
   };
   manifests: ManifestPolicy;
   defaults: { push: PushMode; timeouts: Timeouts; tlsVerify: boolean; upstreamProxy: UpstreamProxy };

@@ -17,6 +17,8 @@ export interface LiveState {
   cacheBytes(): number;
   cacheEntries(): number;
   evictions(): { blobs: number; bytes: number };
+  /** Layers whose fill was started ahead of the client's request (cache.prefetch), since start. */
+  prefetched(): number;
   /** Upstream pull budgets, one per registry and identity (RateLimits.all()). */
   rateLimits(): Iterable<[string, { registry: string; identity: string; limit?: number; remaining?: number }]>;
   caNotAfter(): Date;
@@ -86,6 +88,7 @@ export function createMetrics(live: LiveState): Metrics {
   // Counted by the store; read at scrape time.
   new Counter({ name: 'pullthrough_cache_evictions_total', help: 'Blobs evicted (least recently used first)', registers, collect() { this.reset(); this.inc(live.evictions().blobs); } });
   new Counter({ name: 'pullthrough_cache_evicted_bytes_total', help: 'Bytes of evicted blobs', registers, collect() { this.reset(); this.inc(live.evictions().bytes); } });
+  new Counter({ name: 'pullthrough_prefetch_fills_total', help: 'Layer fills started ahead of the client\'s request for them (cache.prefetch): the other layers of an image a client pulls', registers, collect() { this.reset(); this.inc(live.prefetched()); } });
   new Gauge({ name: 'pullthrough_fills_in_flight', help: 'Blob fills running in the worker pool', registers, collect() { this.set(live.fillsInFlight()); } });
   new Gauge({ name: 'pullthrough_cache_bytes', help: 'Bytes of verified blobs in the cache', registers, collect() { this.set(live.cacheBytes()); } });
   new Gauge({ name: 'pullthrough_cache_blobs', help: 'Verified blobs in the cache', registers, collect() { this.set(live.cacheEntries()); } });

@@ -26,7 +26,8 @@ import { createManifestHandler } from './registry/manifests.ts';
 import { createReferrersHandler } from './registry/referrers.ts';
 import { ReferrersStore } from './cache/referrers-store.ts';
 import { RateLimits } from './upstream/rate-limits.ts';
-import { createBlobHandler } from './registry/blobs.ts';
+import { createBlobHandler, fillAheadWith } from './registry/blobs.ts';
+import { LayerPrefetch } from './registry/prefetch.ts';
 import { createFront } from './listener.ts';
 import { createMirror, type MirrorFront } from './mirror.ts';
 import { errorCode, type AccessEntry, type Logger } from './log.ts';
@@ -115,10 +116,13 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   let warmSchedule: WarmSchedule | undefined;
   const auth = new UpstreamAuth(new TokenExchange(), upstreams, log);
   const readAccess = new ReadAccess(auth, upstreams, policy.cache.readCheckTtlMs, policy.users.size > 0);
-  const blobs = createBlobHandler({ store, fills, upstreams, auth, readAccess, limits: policy.cache, log });
+  const blobDeps = { store, fills, upstreams, auth, readAccess, limits: policy.cache, log };
+  // Not in cluster mode: a replica would fill ahead blobs that other replicas own.
+  const prefetch = policy.cache.prefetch && !policy.cluster ? new LayerPrefetch(fillAheadWith(blobDeps), (digest) => store.holds(digest) || fills.get(digest) !== undefined, log) : undefined;
+  const blobs = createBlobHandler({ ...blobDeps, ...(prefetch ? { prefetch } : {}) });
   const manifestStore = new ManifestStore(index.root);
   const rateLimits = new RateLimits();
-  const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, auth, readAccess, log, digestMismatch: (registry) => metrics?.digestMismatch(registry, 'manifest') });
+  const manifests = createManifestHandler({ store: manifestStore, upstreams, rateLimits, auth, readAccess, log, digestMismatch: (registry) => metrics?.digestMismatch(registry, 'manifest'), ...(prefetch ? { prefetch } : {}) });
   const referrers = createReferrersHandler({ store: new ReferrersStore(index.root), upstreams, auth, readAccess, log });
   // Cluster mode: who the replicas are (this one by the id in its data directory), and the router that
   // sends blobs and manifests to the owner of their key.
@@ -151,6 +155,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     cacheBytes: () => store.total,
     cacheEntries: () => store.count,
     evictions: () => store.evictions,
+    prefetched: () => prefetch?.started ?? 0,
     rateLimits: () => rateLimits.all(),
     caNotAfter: () => ca.notAfter,
     leafExpiries: () => ca.leafExpiries(),

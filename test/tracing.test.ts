@@ -144,6 +144,8 @@ describe('tracing', () => {
         configFile,
         `listen: 127.0.0.1:0
 dataDir: ${JSON.stringify(path.join(dir, 'data'))}
+# Every fill under the request that missed: no layer is fetched ahead of the client (cache.prefetch).
+cache: { prefetch: false }
 registries:
   ${registry.hostPort}:
     tls: { ca: ${caFile} }

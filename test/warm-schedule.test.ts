@@ -40,7 +40,7 @@ describe('the warm-up list of the policy', () => {
     await pushImage(index.layoutDir, 'v1', registry, { repository: 'team/app', all: true });
     single = await buildOciImage(join(work, 'single'), { layers: [{ files: { 'etc/motd': 'warm\n' } }, { randomBytes: 256 * 1024 }], tag: 'v1' });
     await pushImage(single.layoutDir, 'v1', registry, { repository: 'team/tool' });
-    registryPolicy = `registries:\n  ${registry.hostPort}:\n    tls: { ca: ${writePem(work, 'ca.pem', ca.certPem)} }\nhosts:\n  registry.test: 127.0.0.1\n`;
+    registryPolicy = `# Statuses and figures are counted exactly: no layer is fetched ahead of the client (cache.prefetch).\ncache: { prefetch: false }\nregistries:\n  ${registry.hostPort}:\n    tls: { ca: ${writePem(work, 'ca.pem', ca.certPem)} }\nhosts:\n  registry.test: 127.0.0.1\n`;
   });
 
   after(async () => {

@@ -24,6 +24,7 @@ import { sendRegistryError } from './errors.ts';
 import { parseRange } from './range.ts';
 import type { ReadAccess } from './read-access.ts';
 import { clientAuthorization, credentialHash, type AuthDecision, type UpstreamAuth, type UpstreamTarget } from './upstream-auth.ts';
+import type { LayerPrefetch } from './prefetch.ts';
 import type { Digest, RepositoryName } from './route.ts';
 
 export interface BlobRequest {
@@ -53,6 +54,8 @@ export interface BlobDeps {
   readAccess: ReadAccess;
   limits: CacheLimits;
   log: Logger;
+  /** Fetches an image's other layers once a client asks for one of them (absent: nothing ahead). */
+  prefetch?: LayerPrefetch;
 }
 
 export type BlobHandler = (req: IncomingMessage, res: ServerResponse, blob: BlobRequest) => Promise<BlobResult>;
@@ -75,6 +78,7 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
     let roomMade = false;
     let retried401 = false;
     let foreignRefusals = 0;
+    if (!head) deps.prefetch?.layerRequested(req, blob);
 
     for (;;) {
       // Both the index and the in-flight map are looked at after the last await, and a fill starts in the
@@ -114,20 +118,8 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
         const refused = await refuseUnlessReadable(deps, { access: fill.access, origin: fill.origin, size: fill.size }, req, res, blob);
         if (refused) return refused;
       } else {
-        const asked = decision!;
-        fill = deps.fills.start({
-          digest: blob.digest,
-          upstream: blob.upstream,
-          path: `/v2/${blob.name}/blobs/${blob.digest}`,
-          headers: fillHeaders(req, asked.authorization),
-          access: asked.access,
-          identity: asked.byProxy || asked.authorization === undefined ? '' : credentialHash(asked.authorization),
-          registry: blob.upstream.key,
-          repository: blob.name,
-          freshAuthorization: freshAuthorizations(deps.auth, targetOf(blob), asked),
-        });
+        fill = startFill(deps, req, blob, decision!);
         cache = 'MISS';
-        if (fill.access === 'client') relabelIfPublic(deps, blob, fill);
       }
       await fill.responseReady();
       const outcome = fill.outcome;
@@ -153,6 +145,40 @@ export function createBlobHandler(deps: BlobDeps): BlobHandler {
       return joinFill(req, res, dispatcher, blob, fill, cache, authorization);
     }
   };
+}
+
+/**
+ * The fill of a blob that the client of `req` is about to ask for (the next layers of an image it pulls):
+ * started as its own request would start it, with the Authorization decided for it, unless the blob is
+ * cached or in flight, or the cache has no room. Resolves once that fill ended.
+ */
+export function fillAheadWith(deps: BlobDeps): (req: IncomingMessage, blob: BlobRequest) => Promise<void> {
+  return async (req, blob) => {
+    // Looked at again after each await, and the fill starts in the same turn as the last look: never a
+    // second fill of a blob a client started meanwhile.
+    const taken = () => deps.store.holds(blob.digest) || deps.fills.get(blob.digest) !== undefined;
+    if (taken()) return;
+    const decision = await deps.auth.decide(req, targetOf(blob));
+    if (taken() || !(await deps.store.makeRoom(0, deps.limits).catch(() => false)) || taken()) return;
+    await startFill(deps, req, blob, decision).ended();
+  };
+}
+
+/** The one fill of a blob that is neither cached nor in flight, on the Authorization decided for `req`. */
+function startFill(deps: BlobDeps, req: IncomingMessage, blob: BlobRequest, asked: AuthDecision): Fill {
+  const fill = deps.fills.start({
+    digest: blob.digest,
+    upstream: blob.upstream,
+    path: `/v2/${blob.name}/blobs/${blob.digest}`,
+    headers: fillHeaders(req, asked.authorization),
+    access: asked.access,
+    identity: asked.byProxy || asked.authorization === undefined ? '' : credentialHash(asked.authorization),
+    registry: blob.upstream.key,
+    repository: blob.name,
+    freshAuthorization: freshAuthorizations(deps.auth, targetOf(blob), asked),
+  });
+  if (fill.access === 'client') relabelIfPublic(deps, blob, fill);
+  return fill;
 }
 
 async function joinFill(

@@ -27,6 +27,7 @@ import { endSpan, startUpstreamSpan } from '../tracing.ts';
 import { readAtMost } from '../upstream/body.ts';
 import { sendRegistryError } from './errors.ts';
 import type { ReadAccess, ReadVerdict } from './read-access.ts';
+import type { LayerPrefetch } from './prefetch.ts';
 import { parseDigest, type RepositoryName } from './route.ts';
 import { clientAuthorization, credentialHash, type AuthDecision, type UpstreamAuth, type UpstreamTarget } from './upstream-auth.ts';
 
@@ -58,6 +59,8 @@ export interface ManifestDeps {
   log: Logger;
   /** Told of a manifest whose bytes did not match its digest (the metrics count them). */
   digestMismatch?: (registry: string) => void;
+  /** Told of every image manifest a GET was answered with: its layers may be fetched ahead (src/registry/prefetch.ts). */
+  prefetch?: LayerPrefetch;
 }
 
 export type ManifestHandler = (req: IncomingMessage, res: ServerResponse, manifest: ManifestRequest) => Promise<ManifestResult>;
@@ -99,7 +102,7 @@ export function createManifestHandler(deps: ManifestDeps): ManifestHandler {
     const { request } = asking;
     const cached = lookup(asking);
     if (cached && isFresh(asking, cached)) {
-      return (await refuseUnlessReadable(asking, res, cached.tag?.access ?? cached.stored.access, cached)) ?? send(asking.req, res, cached.stored, 'HIT');
+      return (await refuseUnlessReadable(asking, res, cached.tag?.access ?? cached.stored.access, cached)) ?? send(asking, res, cached.stored, 'HIT');
     }
     const key = `${request.registry.key}/${request.name}${request.byDigest ? '@' : ':'}${request.reference}`;
     const work = () => lead(asking, cached).catch((err: unknown): FlightOutcome => ({ kind: 'failed', error: describeUpstreamError(err as Error) }));
@@ -167,15 +170,15 @@ async function answer(asking: Asking, res: ServerResponse, outcome: FlightOutcom
   const timing = 'upstreamMs' in outcome && outcome.upstreamMs !== undefined ? { upstreamMs: outcome.upstreamMs } : {};
   switch (outcome.kind) {
     case 'manifest': {
-      if (led) return { ...send(req, res, outcome.manifest, outcome.cache, outcome.upstreamMs), ...(outcome.upstreamStatus ? { upstreamStatus: outcome.upstreamStatus } : {}) };
+      if (led) return { ...send(asking, res, outcome.manifest, outcome.cache, outcome.upstreamMs), ...(outcome.upstreamStatus ? { upstreamStatus: outcome.upstreamStatus } : {}) };
       // Fetched with another client's credentials: this one must be allowed to read it too.
-      return (await refuseUnlessReadable(asking, res, outcome.manifest.access, { stored: outcome.manifest })) ?? send(req, res, outcome.manifest, 'JOINED');
+      return (await refuseUnlessReadable(asking, res, outcome.manifest.access, { stored: outcome.manifest })) ?? send(asking, res, outcome.manifest, 'JOINED');
     }
     case 'failed': {
       const stale = cached?.tag && staleAllowed(asking, cached) ? cached : undefined;
       if (stale) {
         deps.log.warn('upstream failed; serving a stale manifest', { registry: request.registry.key, repository: request.name, tag: request.reference, error: outcome.error });
-        return { ...send(req, res, stale.stored, 'STALE', undefined, outcome.error), ...timing, ...(outcome.status !== undefined ? { upstreamStatus: outcome.status } : {}) };
+        return { ...send(asking, res, stale.stored, 'STALE', undefined, outcome.error), ...timing, ...(outcome.status !== undefined ? { upstreamStatus: outcome.status } : {}) };
       }
       return { ...relayFailure(req, res, outcome, request), ...timing };
     }
@@ -390,8 +393,12 @@ async function upstreamRequest(asking: Asking, method: 'GET' | 'HEAD'): Promise<
   });
 }
 
-/** The manifest exactly as stored; HEAD gets the same headers without the body. */
-function send(req: IncomingMessage, res: ServerResponse, manifest: StoredManifest, cache: CacheStatus, upstreamMs?: number, staleBecause?: string): ManifestResult {
+/**
+ * The manifest exactly as stored; HEAD gets the same headers without the body. A GET's image manifest
+ * is handed to the prefetch, unless it is stale (upstream is failing: nothing to fetch ahead from).
+ */
+function send({ req, request, deps }: Asking, res: ServerResponse, manifest: StoredManifest, cache: CacheStatus, upstreamMs?: number, staleBecause?: string): ManifestResult {
+  if (req.method === 'GET' && !staleBecause) deps.prefetch?.manifestServed(request.registry.key, request.name, manifest);
   res.writeHead(200, {
     'Content-Type': manifest.mediaType,
     'Content-Length': manifest.body.length,

@@ -63,7 +63,7 @@ describe('metrics after a cold and a warm pull of one image', () => {
     registry = await startRegistry({ host: 'registry.test', ca });
     image = await buildOciImage(join(work, 'layout'), { layers: [{ files: { 'etc/motd': 'metrics\n' } }, { randomBytes: 1536 * 1024 }], tag: 'v1' });
     await pushImage(image.layoutDir, 'v1', registry, { repository: 'team/app' });
-    proxy = await startTestProxy(`registries:\n  ${registry.hostPort}:\n    tls: { ca: ${writePem(work, 'ca.pem', ca.certPem)} }\nhosts:\n  registry.test: 127.0.0.1\n`);
+    proxy = await startTestProxy(`# Statuses and figures are counted exactly: no layer is fetched ahead of the client (cache.prefetch).\ncache: { prefetch: false }\nregistries:\n  ${registry.hostPort}:\n    tls: { ca: ${writePem(work, 'ca.pem', ca.certPem)} }\nhosts:\n  registry.test: 127.0.0.1\n`);
     blobBytes = [image.configDigest, ...image.layerDigests].reduce((sum, d) => sum + image.blobs.get(d)!, 0);
     reg = registry.hostPort;
   });
@@ -469,6 +469,7 @@ describe('fill failures, retries and digest mismatches', () => {
     cacheBytes: () => 0,
     cacheEntries: () => 0,
     evictions: () => ({ blobs: 0, bytes: 0 }),
+    prefetched: () => 0,
     rateLimits: () => new RateLimits().all(),
     caNotAfter: () => new Date(),
     leafExpiries: () => [],

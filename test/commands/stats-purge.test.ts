@@ -63,7 +63,7 @@ describe('stats and purge against a real registry', () => {
     sub = await buildOciImage(join(work, 'sub'), { layers: [{ randomBytes: 512 * 1024 }], tag: 'v1', labels: { repo: 'sub' } });
     await pushImage(app.layoutDir, 'v1', registry, { repository: 'team/app' });
     await pushImage(sub.layoutDir, 'v1', registry, { repository: 'team/app/sub' });
-    proxy = await startTestProxy(`registries:\n  ${registry.hostPort}:\n    tls: { ca: ${writePem(work, 'ca.pem', ca.certPem)} }\nhosts:\n  registry.test: 127.0.0.1\n`);
+    proxy = await startTestProxy(`# Statuses and figures are counted exactly: no layer is fetched ahead of the client (cache.prefetch).\ncache: { prefetch: false }\nregistries:\n  ${registry.hostPort}:\n    tls: { ca: ${writePem(work, 'ca.pem', ca.certPem)} }\nhosts:\n  registry.test: 127.0.0.1\n`);
     blobBytes = [app.configDigest, ...app.layerDigests].reduce((sum, d) => sum + app.blobs.get(d)!, 0);
   });
 

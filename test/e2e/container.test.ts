@@ -257,7 +257,9 @@ describe('the container image, run as its entrypoint would be', { skip }, () => 
     const copy = await verifyDirCopy(path.join(work, 'pull-1'));
     assert.equal(copy.manifestDigest, image.manifestDigest);
     assert.deepEqual(copy.blobDigests, [image.configDigest, ...image.layerDigests].sort());
-    assert.deepEqual(access().map((e) => e.cache), ['MISS', 'MISS', 'MISS'], output);
+    // The config and the first layer asked for missed; the other layer was fetched ahead (cache.prefetch): joined, or a hit.
+    const coldStatuses = access().map((e) => e.cache);
+    assert.ok(coldStatuses.length === 3 && coldStatuses.filter((c) => c === 'MISS').length >= 2 && coldStatuses.every((c) => c === 'MISS' || c === 'JOINED' || c === 'HIT'), coldStatuses.join(' '));
 
     registry.resetCounts();
     const warm = await skopeoCopyThroughProxy({ image: `${registry.hostPort}/team/app:v1`, proxyUrl, caFile, destDir: path.join(work, 'pull-2') });

@@ -286,7 +286,9 @@ describe('the container image, built from the Dockerfile and run by podman', () 
     const copy = await verifyDirCopy(path.join(workDir(), 'pull-1'));
     assert.equal(copy.manifestDigest, image.manifestDigest);
     assert.deepEqual(copy.blobDigests, [image.configDigest, ...image.layerDigests].sort());
-    assert.deepEqual((await access()).map((e) => e.cache), ['MISS', 'MISS', 'MISS']);
+    // The config and the first layer asked for missed; the other layer was fetched ahead (cache.prefetch): joined, or a hit.
+    const coldStatuses = (await access()).map((e) => e.cache);
+    assert.ok(coldStatuses.length === 3 && coldStatuses.filter((c) => c === 'MISS').length >= 2 && coldStatuses.every((c) => c === 'MISS' || c === 'JOINED' || c === 'HIT'), coldStatuses.join(' '));
 
     registry!.resetCounts();
     started = performance.now();

@@ -97,7 +97,8 @@ tunnel:
     }
     const blobLines = proxy.access.filter((e) => e.host === registry.hostPort && e.type === 'blob');
     assert.equal(blobLines.length, 3, 'config + 2 layers logged by the proxy');
-    assert.ok(blobLines.every((e) => e.cache === 'MISS' && e.status === 200), JSON.stringify(blobLines));
+    // The config and the first layer missed; the next layer was fetched ahead (cache.prefetch): joined or hit.
+    assert.ok(blobLines.every((e) => (e.cache === 'MISS' || e.cache === 'JOINED' || e.cache === 'HIT') && e.status === 200), JSON.stringify(blobLines));
     assert.equal(blobLines.reduce((sum, e) => sum + e.bytes, 0), [...image.blobs.values()].reduce((a, b) => a + b, 0) - image.manifestSize);
   });
 
@@ -133,7 +134,10 @@ tunnel:
     }
     const statuses = proxy.access.slice(before).filter((e) => e.type === 'blob').map((e) => e.cache);
     assert.equal(statuses.length, 24);
-    assert.equal(statuses.filter((c) => c === 'MISS').length, 3, `one leader per blob: ${statuses.join(' ')}`);
+    // One leader per blob at most: a client's MISS, or none for a layer fetched ahead of the clients (cache.prefetch).
+    const misses = proxy.access.slice(before).filter((e) => e.type === 'blob' && e.cache === 'MISS').map((e) => e.path);
+    assert.equal(new Set(misses).size, misses.length, `one leader per blob: ${statuses.join(' ')}`);
+    assert.ok(misses.length >= 2, `the config and the first layer asked for missed: ${statuses.join(' ')}`);
   });
 
   test('a registry on 443 is intercepted under its bare host name', { skip: !canBind443 && 'binding 127.0.0.2:443 needs root' }, async () => {

@@ -240,6 +240,7 @@ describe('maps that grow with input are bounded', () => {
     cacheBytes: () => 0,
     cacheEntries: () => 0,
     evictions: () => ({ blobs: 0, bytes: 0 }),
+    prefetched: () => 0,
     rateLimits: () => [],
     caNotAfter: () => new Date(),
     leafExpiries: () => [],
