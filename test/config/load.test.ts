@@ -33,6 +33,7 @@ describe('policy file', () => {
     assert.deepEqual(policy.listen, { host: '0.0.0.0', port: 3128 });
     assert.equal(policy.dataDir, path.join(dir, 'data'));
     assert.equal(policy.cache.maxSize, 32 * 1024 ** 3);
+    assert.equal(policy.cache.prefetch, true, 'layers are fetched ahead unless cache.prefetch says otherwise');
     assert.equal(policy.manifests.defaultTtlMs, 3_600_000);
     assert.deepEqual(policy.tunnel.allow, ['*:443']);
     assert.deepEqual(policy.admin, {}, 'no admin token: state changes from loopback only');
@@ -118,6 +119,7 @@ describe('policy errors name file, line and key', () => {
     ['a nested unknown key', 'registries:\n  quay.io:\n    pusj: bypass\n', /:3:5: registries\.quay\.io\.pusj: unknown key/],
     ['a bad duration', 'defaults:\n  timeouts: { connect: 30 seconds }\n', /:2:24: defaults\.timeouts\.connect: "30 seconds" is not a duration/],
     ['a bad size', 'cache:\n  maxSize: lots\n', /:2:12: cache\.maxSize: "lots" is not a size/],
+    ['a prefetch that is not a boolean', 'cache:\n  prefetch: sometimes\n', /:2:13: cache\.prefetch: /],
     ['a bad push mode', 'defaults:\n  push: allow\n', /:2:9: defaults\.push: expected one of: deny, bypass/],
     ['a bad registry name', 'registries:\n  "bad host:x": {}\n', /:2:17: registries\.bad host:x: "bad host:x" is not a host or host:port/],
     ['a tier without ttl', 'manifests:\n  tiers:\n    - { match: "x" }\n', /:3:7: manifests\.tiers\[0\]: a tier needs/],
