@@ -22,6 +22,10 @@
 //           handshake to the registry and the token service through CONNECT, no request): no
 //           connection to the measured registry, its token service or its CDN is open when the cold run
 //           starts. The warm run follows on the same proxy once every blob is a HIT.
+// --upstream-rtt 20ms puts the origin a round trip away from everyone (the proxy, nginx as the seed, direct
+// clients): a delay line (perf/lib/delay-line.ts) holds every chunk back half of it each way, as a registry
+// and CDN across the internet would. Without it the origin answers in microseconds and a cold pull is
+// bound by CPU alone.
 // Every client must finish and hold the image's exact manifest and blobs (skopeo checks digests; the
 // copy is checked again here). The origin's access log counts what reached upstream in each run.
 // Builds: the working tree's (as `npm start` runs it) unless --commit (a commit's, built apart) or --cli
@@ -32,11 +36,12 @@ import net from 'node:net';
 import { join } from 'node:path';
 import tls from 'node:tls';
 import { parseArgs } from 'node:util';
-import { formatSize } from '../config/units.ts';
+import { formatSize, parseDuration } from '../config/units.ts';
 import { buildOciImage, type BuiltImage } from '../test/helpers/oci-image.ts';
 import { createTestCa, writePem } from '../test/helpers/pki.ts';
 import { verifyDirCopy } from '../test/helpers/skopeo.ts';
 import { makeTempDir, runBenchmark } from './lib/cleanup.ts';
+import { startDelayLine } from './lib/delay-line.ts';
 import { headRequest, proxiedRoute } from './lib/curl.ts';
 import { startHubOrigin, type HubOrigin, type HubRequest, type HubSite } from './lib/hub-origin.ts';
 import { describeEnvironment, environmentLine, progressTo } from './lib/measure.ts';
@@ -84,6 +89,8 @@ interface Options {
   routes: Array<'direct' | 'seed' | 'proxy'>;
   builds: Build[];
   profile?: string;
+  /** A round trip added between everyone and the origin (perf/lib/delay-line.ts); 0: none. */
+  upstreamRttMs: number;
 }
 
 interface Run {
@@ -108,7 +115,7 @@ interface Run {
 function parseOptions(argv: string[]): Options {
   const usage =
     `usage: node perf/${NAME}.ts [--shapes multi,medium] [--clients 1,4] [--repeat 3] [--routes direct,seed,proxy]\n` +
-    '                             [--commit REV]… [--cli LABEL=PATH]… [--profile DIR]\n';
+    '                             [--commit REV]… [--cli LABEL=PATH]… [--profile DIR] [--upstream-rtt 20ms]\n';
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -119,6 +126,7 @@ function parseOptions(argv: string[]): Options {
       commit: { type: 'string', multiple: true },
       cli: { type: 'string', multiple: true },
       profile: { type: 'string' },
+      'upstream-rtt': { type: 'string', default: '0ms' },
       size: { type: 'string' }, // passed to every benchmark by perf/run.ts; the shapes are fixed here
       help: { type: 'boolean', default: false },
     },
@@ -135,6 +143,8 @@ function parseOptions(argv: string[]): Options {
   if (clients.some((c) => !Number.isInteger(c) || c < 1 || c > 32)) throw new Error(`--clients ${values.clients}: counts of 1–32`);
   if (!Number.isInteger(repeat) || repeat < 1) throw new Error(`--repeat ${values.repeat}: a positive integer`);
   if (routes.some((r) => r !== 'direct' && r !== 'seed' && r !== 'proxy')) throw new Error(`--routes ${values.routes}: of direct, seed, proxy`);
+  const upstreamRttMs = parseDuration(values['upstream-rtt']);
+  if (!(upstreamRttMs >= 0)) throw new Error(`--upstream-rtt ${values['upstream-rtt']}: a duration (20ms)`);
   const builds: Build[] = [
     ...(values.commit ?? []).map((commit) => ({ label: `@${commit.slice(0, 10)}`, commit })),
     ...(values.cli ?? []).map((spec) => {
@@ -145,7 +155,7 @@ function parseOptions(argv: string[]): Options {
   ];
   if (builds.length === 0) builds.push({ label: 'proxy' });
   if (new Set(builds.map((b) => b.label)).size !== builds.length || builds.some((b) => b.label === 'direct' || b.label === 'seed')) throw new Error('every build needs a label of its own (not direct or seed)');
-  return { shapes, clients, repeat, routes, builds, ...(values.profile ? { profile: values.profile } : {}) };
+  return { shapes, clients, repeat, routes, builds, upstreamRttMs, ...(values.profile ? { profile: values.profile } : {}) };
 }
 
 interface Bench {
@@ -190,16 +200,24 @@ async function main(): Promise<void> {
   for (const [i, repository] of WARM_UP.repositories.entries()) {
     warmUpImages.push(await buildOciImage(layoutDir, { tag: `warm-up-${i}`, layers: WARM_UP.layers.map((size) => ({ randomBytes: size })), labels: { shape: repository } }));
   }
+  // With a round trip to add, nginx listens on 127.0.0.2 and the delay line takes its ports on 127.0.0.1.
+  const delayed = options.upstreamRttMs > 0;
   const origin = await startHubOrigin({
     dir,
     ca,
     layoutDir,
+    ...(delayed ? { listenAddress: '127.0.0.2' } : {}),
     sites: [
       { name: 'hub', images: options.shapes.map((shape) => ({ repository: SHAPES[shape]!.repository, tag: TAG, image: images[shape]! })) },
       { name: 'warm', images: WARM_UP.repositories.map((repository, i) => ({ repository, tag: TAG, image: warmUpImages[i]! })) },
     ],
   });
   const [hub, warm] = origin.sites as [HubSite, HubSite];
+  if (delayed) {
+    const ports = origin.sites.flatMap((site) => [site.registryPort, site.authPort, site.cdnPort]);
+    await startDelayLine(ports, '127.0.0.2', options.upstreamRttMs / 2); // stopped by the exit cleanup
+    progress(`the origin is ${options.upstreamRttMs} ms away (a delay line in front of it)`);
+  }
   environment.nginx = origin.nginx.version;
   progress(`origin: registry ${hub.registryHostPort}, token service ${hub.authHostPort}, CDN ${hub.cdnHostPort} (nginx ${origin.nginx.version})`);
   const bench: Bench = { options, dir, origin, hub, warm, ca, caFile, images, warmUpImages, builds };
@@ -459,7 +477,7 @@ function printReport(bench: Bench, runs: readonly Run[], environment: Record<str
   const summaries = summarise(runs);
   const lines: string[] = [];
   lines.push(`${NAME}: skopeo copy of multi-layer images, direct, through nginx as the seed, through pullthrough; cold and warm; medians of ${bench.options.repeat}`);
-  lines.push(`${environmentLine(environment)}, skopeo ${environment.skopeo}`);
+  lines.push(`${environmentLine(environment)}, skopeo ${environment.skopeo}${bench.options.upstreamRttMs > 0 ? `; the origin ${bench.options.upstreamRttMs} ms away (round trip, perf/lib/delay-line.ts)` : ''}`);
   for (const build of bench.builds) lines.push(`${build.label}: ${sourceLine(build.source)}`);
   for (const shape of bench.options.shapes) lines.push(`${shape}: ${SHAPES[shape]!.describe}, ${formatSize([...bench.images[shape]!.blobs.values()].reduce((a, b) => a + b, 0))} in ${bench.images[shape]!.blobs.size - 1} blobs + the manifest`);
   lines.push('');

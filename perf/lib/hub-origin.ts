@@ -73,7 +73,12 @@ export interface HubSiteSpec {
  * Starts nginx serving the sites; every image must live in `layoutDir` (one OCI layout: the CDN serves
  * its blobs/sha256 directory).
  */
-export async function startHubOrigin(options: { dir: string; ca: TestCa; layoutDir: string; sites: HubSiteSpec[] }): Promise<HubOrigin> {
+/**
+ * `listenAddress`: where nginx listens (default 127.0.0.1, where clients connect); another loopback
+ * address leaves 127.0.0.1:<port> to a delay line in front of it (perf/lib/delay-line.ts).
+ */
+export async function startHubOrigin(options: { dir: string; ca: TestCa; layoutDir: string; sites: HubSiteSpec[]; listenAddress?: string }): Promise<HubOrigin> {
+  const listen = options.listenAddress ?? '127.0.0.1';
   const sites: HubSite[] = [];
   const used = new Set<number>();
   const port = async () => {
@@ -110,9 +115,9 @@ export async function startHubOrigin(options: { dir: string; ca: TestCa; layoutD
   const nginxDir = join(options.dir, 'hub-origin');
   const maps = sites.map((site) => siteMaps(site)).join('\n');
   const servers = [
-    ...others.map((site) => `server {\n  listen 127.0.0.1:${site.registryPort} ssl;\n${indent(certFiles(nginxDir))}\n${indent(registryServer(site))}\n}`),
-    ...sites.map((site) => `server {\n  listen 127.0.0.1:${site.authPort} ssl;\n${indent(certFiles(nginxDir))}\n${indent(authServer())}\n}`),
-    ...sites.map((site) => `server {\n  listen 127.0.0.1:${site.cdnPort} ssl;\n${indent(certFiles(nginxDir))}\n${indent(cdnServer(blobsDir))}\n}`),
+    ...others.map((site) => `server {\n  listen ${listen}:${site.registryPort} ssl;\n${indent(certFiles(nginxDir))}\n${indent(registryServer(site))}\n}`),
+    ...sites.map((site) => `server {\n  listen ${listen}:${site.authPort} ssl;\n${indent(certFiles(nginxDir))}\n${indent(authServer())}\n}`),
+    ...sites.map((site) => `server {\n  listen ${listen}:${site.cdnPort} ssl;\n${indent(certFiles(nginxDir))}\n${indent(cdnServer(blobsDir))}\n}`),
   ];
   const nginx = await startTlsNginx({
     dir: nginxDir,
@@ -124,6 +129,7 @@ export async function startHubOrigin(options: { dir: string; ca: TestCa; layoutD
     serverConfig: registryServer(first),
     httpConfig: `${maps}\n${servers.join('\n')}`,
     fixedPort: first.registryPort,
+    listenAddress: listen,
   });
   const byPort = new Map<number, { site: string; host: HubRequest['host'] }>();
   for (const site of sites) {

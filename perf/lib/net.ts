@@ -16,10 +16,10 @@ export async function waitFor(probe: () => Promise<boolean>, timeoutMs: number, 
   return false;
 }
 
-/** True when a TCP connection to 127.0.0.1:port is accepted. */
-export function acceptsConnections(port: number): Promise<boolean> {
+/** True when a TCP connection to <address>:port (default 127.0.0.1) is accepted. */
+export function acceptsConnections(port: number, address = '127.0.0.1'): Promise<boolean> {
   return new Promise((resolve) => {
-    const socket = net.connect(port, '127.0.0.1');
+    const socket = net.connect(port, address);
     socket.once('connect', () => {
       socket.destroy();
       resolve(true);

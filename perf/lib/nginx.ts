@@ -42,6 +42,8 @@ export interface NginxOptions {
   accessLogFormat?: string;
   /** Listen on this port (one attempt) instead of a free one: when other config must name it beforehand. */
   fixedPort?: number;
+  /** The address to listen on; default 127.0.0.1. */
+  listenAddress?: string;
 }
 
 /** One request as nginx logged it (written when the response is finished). */
@@ -138,9 +140,9 @@ async function startOnce(options: NginxOptions, port: number): Promise<NginxOrig
   const child = spawnTracked(NGINX_BIN, args, { stdio: ['ignore', errorFd, errorFd] }, 'TERM');
   closeSync(errorFd);
   const exited = (): boolean => !isRunning(child);
-  if (!(await waitFor(() => acceptsConnections(port), READY_TIMEOUT_MS, exited))) {
+  if (!(await waitFor(() => acceptsConnections(port, options.listenAddress), READY_TIMEOUT_MS, exited))) {
     await stopChild(child, 'SIGKILL');
-    throw new Error(`nginx did not start on 127.0.0.1:${port}; ${errorLog}:\n${readFileSync(errorLog, 'utf8').slice(-2000)}`);
+    throw new Error(`nginx did not start on ${options.listenAddress ?? '127.0.0.1'}:${port}; ${errorLog}:\n${readFileSync(errorLog, 'utf8').slice(-2000)}`);
   }
   const masterPid = child.pid!;
   let workerPids: number[];
@@ -193,7 +195,7 @@ http {
   uwsgi_temp_path ${temp('uwsgi')};
   scgi_temp_path ${temp('scgi')};
   server {
-    listen 127.0.0.1:${port} ssl;
+    listen ${options.listenAddress ?? '127.0.0.1'}:${port} ssl;
     ssl_certificate ${q(join(dir, 'server.crt'))};
     ssl_certificate_key ${q(join(dir, 'server.key'))};
     root ${q(options.root)};
