@@ -19,7 +19,7 @@ import { parseSize } from '../../config/units.ts';
 const ROOT = path.join(import.meta.dirname, '../..');
 const read = (file: string) => readFileSync(path.join(ROOT, file), 'utf8');
 /** What `npm start` runs after building, and so what the image must run. */
-const START = ['--heap-growing-percent=20', 'dist/src/cli.js', 'start'];
+const START = ['--heap-growing-percent=50', 'dist/src/cli.js', 'start'];
 /** The seed's variables (shared/CONFIG.md), each with a value that changes the image's policy. */
 const SEED_VARIABLES: Record<string, NodeJS.ProcessEnv> = {
   REGISTRIES: { REGISTRIES: 'registry.example.com' },
