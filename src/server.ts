@@ -26,7 +26,7 @@ import { createManifestHandler } from './registry/manifests.ts';
 import { createReferrersHandler } from './registry/referrers.ts';
 import { ReferrersStore } from './cache/referrers-store.ts';
 import { RateLimits } from './upstream/rate-limits.ts';
-import { createBlobHandler, fillAheadWith } from './registry/blobs.ts';
+import { cachedOrFilling, createBlobHandler, fillAheadWith } from './registry/blobs.ts';
 import { LayerPrefetch } from './registry/prefetch.ts';
 import { createFront } from './listener.ts';
 import { createMirror, type MirrorFront } from './mirror.ts';
@@ -118,7 +118,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
   const readAccess = new ReadAccess(auth, upstreams, policy.cache.readCheckTtlMs, policy.users.size > 0);
   const blobDeps = { store, fills, upstreams, auth, readAccess, limits: policy.cache, log };
   // Not in cluster mode: a replica would fill ahead blobs that other replicas own.
-  const prefetch = policy.cache.prefetch && !policy.cluster ? new LayerPrefetch(fillAheadWith(blobDeps), (digest) => store.holds(digest) || fills.get(digest) !== undefined, log) : undefined;
+  const prefetch = policy.cache.prefetch && !policy.cluster ? new LayerPrefetch(fillAheadWith(blobDeps), (digest) => cachedOrFilling(blobDeps, digest), log) : undefined;
   const blobs = createBlobHandler({ ...blobDeps, ...(prefetch ? { prefetch } : {}) });
   const manifestStore = new ManifestStore(index.root);
   const rateLimits = new RateLimits();

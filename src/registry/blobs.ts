@@ -156,12 +156,17 @@ export function fillAheadWith(deps: BlobDeps): (req: IncomingMessage, blob: Blob
   return async (req, blob) => {
     // Looked at again after each await, and the fill starts in the same turn as the last look: never a
     // second fill of a blob a client started meanwhile.
-    const taken = () => deps.store.holds(blob.digest) || deps.fills.get(blob.digest) !== undefined;
+    const taken = () => cachedOrFilling(deps, blob.digest);
     if (taken()) return;
     const decision = await deps.auth.decide(req, targetOf(blob));
     if (taken() || !(await deps.store.makeRoom(0, deps.limits).catch(() => false)) || taken()) return;
     await startFill(deps, req, blob, decision).ended();
   };
+}
+
+/** Whether the blob is in the cache or a fill of it is under way. */
+export function cachedOrFilling(deps: Pick<BlobDeps, 'store' | 'fills'>, digest: string): boolean {
+  return deps.store.holds(digest) || deps.fills.get(digest) !== undefined;
 }
 
 /** The one fill of a blob that is neither cached nor in flight, on the Authorization decided for `req`. */
