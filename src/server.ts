@@ -224,6 +224,7 @@ export async function startProxy(policy: Policy, baseLog: Logger): Promise<Runni
     async drain(graceMs) {
       draining = true;
       sessions.stopping = true;
+      prefetch?.stop();
       // Listeners stop accepting; open connections stay, so that requests in flight end whole. Every
       // answer from now on says Connection: close, and the drain ends only once nothing has been in
       // flight for a moment: a client that had just connected sends its request meanwhile.

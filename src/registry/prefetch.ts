@@ -44,6 +44,8 @@ export class LayerPrefetch {
   private readonly queue: Array<{ req: IncomingMessage; blob: BlobRequest }> = [];
   private readonly queued = new Set<Digest>();
   private running = 0;
+  /** The proxy is stopping: nothing more is started ahead. */
+  private stopped = false;
 
   constructor(fillAhead: FillAhead, taken: (digest: Digest) => boolean, log: Logger) {
     this.fillAhead = fillAhead;
@@ -77,6 +79,7 @@ export class LayerPrefetch {
    * layers are queued, the ones after it first (the order clients ask in). Never waits, never throws.
    */
   layerRequested(req: IncomingMessage, blob: BlobRequest): void {
+    if (this.stopped) return;
     const image = this.imageOfLayer.get(`${blob.registry.key}/${blob.name}@${blob.digest}`);
     const layers = image === undefined ? undefined : this.images.get(image);
     if (!layers) return;
@@ -88,6 +91,16 @@ export class LayerPrefetch {
       this.queue.push({ req, blob: { ...blob, digest } });
     }
     this.next();
+  }
+
+  /**
+   * The proxy drains: the layers still queued are dropped and none is queued any more. Fills already
+   * running go on (a client may be joined to them) until the proxy closes.
+   */
+  stop(): void {
+    this.stopped = true;
+    this.queue.length = 0;
+    this.queued.clear();
   }
 
   private next(): void {
