@@ -70,7 +70,7 @@ export class ManifestStore {
     if (tags) {
       this.awaitedPlatforms.delete(key);
       for (const tag of tags) this.countTag(tag);
-    } else if (!INDEX_TYPES.has(manifest.mediaType.split(';')[0]!.trim().toLowerCase())) {
+    } else if (!INDEX_TYPES.has(baseMediaType(manifest.mediaType))) {
       // It may be the platform manifest of an index some tag holds, which it makes larger: counted again, later.
       this.recountSoon();
     }
@@ -295,7 +295,7 @@ export function chooseVariant(variants: readonly TagEntry[], accept: string): Ta
   if (exact || accept === '') return exact;
   const accepted = new Set(accept.split(','));
   if (accepted.has('*/*')) return variants.find((v) => INDEX_TYPES.has(v.mediaType)) ?? variants[0];
-  const admitted = variants.filter((v) => accepted.has(v.mediaType.split(';')[0]!.trim().toLowerCase()));
+  const admitted = variants.filter((v) => accepted.has(baseMediaType(v.mediaType)));
   return admitted.find((v) => INDEX_TYPES.has(v.mediaType)) ?? admitted.sort((a, b) => b.validatedAt - a.validatedAt)[0];
 }
 
@@ -316,6 +316,11 @@ export function normaliseAccept(header: string | string[] | undefined): string {
     normalisedAccepts.set(values, normalised);
   }
   return normalised;
+}
+
+/** A media type without its parameters, lower case: what an Accept entry or a type set names. */
+export function baseMediaType(mediaType: string): string {
+  return mediaType.split(';')[0]!.trim().toLowerCase();
 }
 
 /** Accept headers already normalised, at most this many, each at most this long (the map is bounded). */

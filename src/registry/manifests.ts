@@ -16,7 +16,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Dispatcher } from 'undici';
 import type { ManifestPolicy, ProxyUser, RegistryPolicy } from '../../config/policy.ts';
 import type { Access } from '../cache/blob-store.ts';
-import { normaliseAccept, type ManifestStore, type StoredManifest, type TagEntry } from '../cache/manifest-store.ts';
+import { baseMediaType, normaliseAccept, type ManifestStore, type StoredManifest, type TagEntry } from '../cache/manifest-store.ts';
 import type { CacheStatus, Logger } from '../log.ts';
 import { SingleFlight } from '../single-flight.ts';
 import type { UpstreamAgents, UpstreamConfig } from '../upstream/agents.ts';
@@ -205,7 +205,7 @@ function admits(accept: string, outcome: { manifest: StoredManifest; accept: str
   if (accept === outcome.accept) return true;
   if (accept === '') return false;
   const types = new Set(accept.split(','));
-  return types.has('*/*') || types.has(outcome.manifest.mediaType.split(';')[0]!.trim().toLowerCase());
+  return types.has('*/*') || types.has(baseMediaType(outcome.manifest.mediaType));
 }
 
 /** Whose rights an upstream refusal was about: the client's own credentials, or none (the proxy's). */

@@ -10,7 +10,7 @@
 // registry and repository are fetched ahead, and only in the policy's single-replica mode (a replica of
 // a cluster would fill blobs that other replicas own).
 import type { IncomingMessage } from 'node:http';
-import type { StoredManifest } from '../cache/manifest-store.ts';
+import { baseMediaType, type StoredManifest } from '../cache/manifest-store.ts';
 import type { Logger } from '../log.ts';
 import type { BlobRequest } from './blobs.ts';
 import { parseDigest, type Digest } from './route.ts';
@@ -41,6 +41,8 @@ export class LayerPrefetch {
   private readonly images = new Map<string, readonly Digest[]>();
   /** "registry/repository@layer" → the image it was last served in (a key of `images`). */
   private readonly imageOfLayer = new Map<string, string>();
+  /** The image served last (the last key of `images`). */
+  private newest: string | undefined;
   private readonly queue: Array<{ req: IncomingMessage; blob: BlobRequest }> = [];
   private readonly queued = new Set<Digest>();
   private running = 0;
@@ -59,6 +61,9 @@ export class LayerPrefetch {
    */
   manifestServed(registry: string, repository: string, manifest: StoredManifest): void {
     const image = `${registry}/${repository}@${manifest.digest}`;
+    // A hot tag served again and again, with no other image since: its layers lead to it already.
+    if (image === this.newest) return;
+    this.newest = image;
     const known = this.images.get(image);
     this.images.delete(image); // re-inserted last: the least recently served are forgotten first
     const layers = known ?? layersOf(manifest);
@@ -128,7 +133,7 @@ export class LayerPrefetch {
  * config blob is not a layer: reading it does not start a pull.
  */
 function layersOf(manifest: StoredManifest): Digest[] {
-  if (!IMAGE_MANIFEST_TYPES.has(manifest.mediaType.split(';')[0]!.trim().toLowerCase())) return [];
+  if (!IMAGE_MANIFEST_TYPES.has(baseMediaType(manifest.mediaType))) return [];
   let parsed: { layers?: unknown };
   try {
     parsed = JSON.parse(manifest.body.toString('utf8')) as { layers?: unknown };

@@ -123,6 +123,11 @@ describe('layer prefetch: the queue', () => {
     r.prefetch.manifestServed(REGISTRY, 'team/app', manifest(newImage));
     r.prefetch.layerRequested(req, blob(base));
     assert.deepEqual(r.started, newImage.slice(1));
+    // Served again after the other, and again (a hot tag): the shared layer leads back to it.
+    const again = rig();
+    for (const image of [oldImage, newImage, oldImage, oldImage]) again.prefetch.manifestServed(REGISTRY, 'team/app', manifest(image));
+    again.prefetch.layerRequested(req, blob(base));
+    assert.deepEqual(again.started, oldImage.slice(1));
   });
 
   test('a fill ahead that fails is logged, and the queue goes on', async () => {
